@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# constraints.txt pins every package to the versions CI tests with
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default: a local Ray, the generated phantom data set, a CPU budget without a GPU.
+run: install
+	$(BIN)/cxr-search run inception
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check cxr_search tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/throughput.py --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Ray Tune layer: the only package (with cli.py) that imports Ray."""

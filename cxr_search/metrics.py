@@ -203,6 +203,9 @@ def _check(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"probs must be [N, {len(CLASSES)}] with N = len(y_true) = {len(y)}, got {p.shape}")
     if len(y) and (y.min() < 0 or y.max() >= len(CLASSES)):
         raise ValueError(f"labels must be in 0..{len(CLASSES) - 1}, got {np.unique(y)}")
+    # float32 softmax rows miss sum == 1 by ~1e-7, which scikit-learn warns about: renormalise in float64
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = p / p.sum(axis=1, keepdims=True)
     return y, p
 
 

@@ -1,0 +1,76 @@
+"""Ray Tune's overhead on a CPU search: wall time / (sum of trial times / concurrency). Not a test.
+
+A ratio of 1.0 means Tune adds nothing beyond the trials themselves; the target is <= 1.2 for trials of a
+few seconds. Trial time is Tune's `time_total_s` of each trial (from its first to its last report, i.e.
+model build + epochs + evaluation); the search wall time also pays for trial process start-up, scheduling,
+checkpoint syncing and experiment snapshots. Run both actor modes: reused processes (our CPU default) and a
+fresh process per trial (our GPU default, so a stopped trial's GPU memory is freed).
+
+    python benchmarks/ray_overhead.py            # 8 trials x 3 epochs, cnn3, 48 px, 2 slots
+    python benchmarks/ray_overhead.py --smoke    # 4 trials x 2 epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from cxr_search.search import results
+from cxr_search.search import tune as stage
+from cxr_search.search.pipeline import prepare_data
+
+
+def measure(data, trials: int, epochs: int, concurrency: int, reuse: bool, root: Path) -> dict:
+    from ray import tune
+
+    exp = root / f"overhead-reuse{int(reuse)}"
+    shutil.rmtree(exp, ignore_errors=True)
+    space = {"backbone": "cnn3", "max_epochs": epochs, "patience": epochs, "device": "cpu", "batch_size": 32,
+             "lr": tune.grid_search([1e-3 * (i + 1) for i in range(trials)])}
+    t0 = time.perf_counter()
+    stage.run_stage(exp, space, data, max_concurrent_trials=concurrency, resources={"cpu": 1}, verbose=0,
+                    reuse_actors=reuse)
+    wall = time.perf_counter() - t0
+    df = results.build(exp)
+    trial_sum = float(df["wall_time_s"].sum())
+    return {"reuse_actors": reuse, "trials": trials, "epochs": epochs, "concurrency": concurrency,
+            "wall_s": round(wall, 2), "sum_trial_s": round(trial_sum, 2),
+            "mean_trial_s": round(trial_sum / trials, 2), "overhead_ratio": round(wall / (trial_sum / concurrency), 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--size", type=int, default=48)
+    p.add_argument("--n-images", type=int, default=240)
+    p.add_argument("--smoke", action="store_true", help="4 trials x 2 epochs")
+    args = p.parse_args()
+    if args.smoke:
+        args.trials, args.epochs = 4, 2
+    data = prepare_data({"data_dir": None, "data": {"size": args.size, "n_images": args.n_images, "equalize": "hist",
+                                                    "val_fraction": 0.2, "seed": 0}}, progress=False)
+    stage.init_ray(num_cpus=args.concurrency)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
+        for reuse in (True, False):
+            rows.append(measure(data, args.trials, args.epochs, args.concurrency, reuse, Path(tmp)))
+            print(json.dumps(rows[-1]))
+    ray.shutdown()
+    print("\n| actors | trials x epochs | slots | wall s | sum of trial s | mean trial s | overhead ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        actors = "reused" if r["reuse_actors"] else "fresh per trial"
+        print(f"| {actors} | {r['trials']} x {r['epochs']} | {r['concurrency']} | {r['wall_s']} | {r['sum_trial_s']} "
+              f"| {r['mean_trial_s']} | {r['overhead_ratio']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""Search spaces as data: one loader turns `search_spaces/*.yaml` into a validated, frozen `SearchSpec`.
+
+Everything a user can get wrong in a YAML file is caught here, before Ray starts, with a message that
+names the file, the key and the fix. Tune domains are built later (`SearchSpec.param_space()`), so this
+module imports Ray only inside that method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxr_search.config import CHOICES, TrialConfig
+from cxr_search.errors import CxrError
+from cxr_search.paths import search_spaces_dir
+
+# Validation metrics the engine reports every epoch; test metrics are never reported to Tune.
+VAL_METRICS: dict[str, str] = {
+    "val_loss": "min",
+    "val_acc": "max",
+    "val_macro_f1": "max",
+    "val_normal_recall": "max",
+    "val_covid_recall_vs_pneumonia": "max",
+}
+DOMAINS = ("choice", "loguniform", "uniform", "randint", "grid", "constant")
+SEARCHERS = ("optuna", "random", "grid")
+SCHEDULERS = ("asha", "fifo")
+# Keys a search space may put in a trial's config that are labels, not TrialConfig fields.
+LABEL_KEYS = ("variant",)
+
+TOP_KEYS = (
+    "name", "description", "metric", "mode", "searcher", "scheduler", "num_samples", "max_concurrent_trials",
+    "resources", "checkpoint_every", "max_failures", "data", "trial", "params", "variants", "cpu_budget",
+)
+DATA_KEYS = ("size", "equalize", "val_fraction", "n_images", "seed")
+CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_epochs", "grace_period", "max_concurrent_trials",
+                   "top_k", "seeds", "retrain_max_epochs", "params", "trial")
+
+_TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched trial setting: a TrialConfig field and its domain."""
+
+    name: str
+    domain: str  # one of DOMAINS
+    values: tuple[Any, ...]  # choice/grid: the options; loguniform/uniform/randint: (low, high); constant: (v,)
+
+    def to_tune(self) -> Any:
+        """The Ray Tune domain for this parameter (imports Ray)."""
+        from ray import tune
+
+        if self.domain == "choice":
+            return tune.choice(list(self.values))
+        if self.domain == "grid":
+            return tune.grid_search(list(self.values))
+        if self.domain == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.domain == "uniform":
+            return tune.uniform(*self.values)
+        if self.domain == "randint":
+            return tune.randint(self.values[0], self.values[1] + 1)  # YAML bounds are inclusive
+        return self.values[0]
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    kind: str = "asha"  # asha | fifo
+    max_t: int = 30  # epochs: a trial never runs longer
+    grace_period: int = 3  # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = 3  # keep the top 1/reduction_factor at each rung
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A validated search space file: what to search, how, on what data, with which per-trial resources."""
+
+    name: str
+    source: str  # file it was read from (named in error messages)
+    metric: str
+    mode: str
+    searcher: str  # optuna (TPE) | random | grid
+    seed: int  # searcher seed
+    scheduler: SchedulerSpec
+    num_samples: int
+    max_concurrent_trials: int | None
+    cpus_per_trial: float
+    gpus_per_trial: str | float  # "auto" (from GPU_MEMORY_FRACTION) or a fixed fraction
+    checkpoint_every: int  # epochs between checkpoints (the last epoch always checkpoints)
+    max_failures: int
+    data: dict[str, Any]
+    trial: dict[str, Any]  # fixed TrialConfig fields
+    params: tuple[ParamSpec, ...]
+    variants: tuple[tuple[str, dict[str, Any]], ...] = ()  # named grid points (seed_grid.yaml)
+    cpu_budget: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML as loaded, written back as run
+
+    def param_space(self) -> dict[str, Any]:
+        """The Tune param_space: fixed settings, searched domains and (for variants) a grid over variant names."""
+        from ray import tune
+
+        space: dict[str, Any] = dict(self.trial)
+        for p in self.params:
+            space[p.name] = p.to_tune()
+        if self.variants:
+            table = dict(self.variants)
+            space["variant"] = tune.grid_search([name for name, _ in self.variants])
+            for key in sorted({k for _, v in self.variants for k in v}):
+                default = self.trial.get(key, getattr(TrialConfig, key))
+                space[key] = tune.sample_from(_VariantValue(table, key, default))
+        return space
+
+    def replace(self, **changes: Any) -> SearchSpec:
+        return dataclasses.replace(self, **changes)
+
+    def with_trial(self, **fixed: Any) -> SearchSpec:
+        """A copy with fixed trial settings changed (a fixed setting replaces a searched one of the same name)."""
+        for key, value in fixed.items():
+            _check_trial_value(key, value, f"{self.source}: trial")
+        params = tuple(p for p in self.params if p.name not in fixed)
+        return dataclasses.replace(self, trial={**self.trial, **fixed}, params=params)
+
+
+class _VariantValue:
+    """Tune `sample_from` callable: the value of one setting for the grid point's named variant."""
+
+    def __init__(self, table: dict[str, dict[str, Any]], key: str, default: Any):
+        self.table, self.key, self.default = table, key, default
+
+    def __call__(self, spec: Any) -> Any:
+        return self.table[spec.config["variant"]].get(self.key, self.default)
+
+
+def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The TrialConfig part of a Tune trial config (drops labels such as `variant`)."""
+    return {k: v for k, v in config.items() if k not in LABEL_KEYS}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """Find a search space: a file path, or a name in `search_spaces/` (`inception` -> inception.yaml)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise CxrError(f"search space file '{p}' not found. Give a YAML path or one of: {', '.join(known())}.")
+        return p
+    candidate = search_spaces_dir() / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    hint = difflib.get_close_matches(str(name_or_path), known(), n=1)
+    fix = f"Did you mean '{hint[0]}'?" if hint else f"Known: {', '.join(known())}, or a path to a .yaml file."
+    raise CxrError(f"unknown search space '{name_or_path}'. {fix}")
+
+
+def known() -> list[str]:
+    """Names of the search spaces shipped in `search_spaces/`."""
+    return sorted(p.stem for p in search_spaces_dir().glob("*.yaml"))
+
+
+def load_space(name_or_path: str | Path) -> SearchSpec:
+    """Read and validate a search space YAML.
+
+    Args:
+        name_or_path: a name in `search_spaces/` (e.g. `inception`) or a path to a YAML file.
+
+    Returns:
+        The frozen SearchSpec.
+
+    Raises:
+        CxrError: naming the file, the key and the fix for any typo, wrong type or impossible setting.
+    """
+    path = resolve(name_or_path)
+    src = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CxrError(f"{src}: not valid YAML ({e}).") from None
+    if not isinstance(raw, dict):
+        raise CxrError(f"{src}: expected a mapping of settings at the top level, got {type(raw).__name__}.")
+    return parse_space(raw, src)
+
+
+def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
+    """Validate an already-loaded search space mapping; `src` is named in error messages."""
+    _check_keys(raw, TOP_KEYS, src)
+    metric = _get(raw, "metric", str, src, "val_loss")
+    if metric not in VAL_METRICS:
+        raise CxrError(
+            f"{src}: metric '{metric}' is not a validation metric; allowed: {', '.join(VAL_METRICS)}"
+            f"{_suggest(metric, VAL_METRICS)} (test metrics never drive the search)."
+        )
+    mode = _get(raw, "mode", str, src, VAL_METRICS[metric])
+    if mode not in ("min", "max"):
+        raise CxrError(f"{src}: mode '{mode}' must be 'min' or 'max'.")
+    if mode != VAL_METRICS[metric]:
+        raise CxrError(f"{src}: mode '{mode}' would optimise {metric} the wrong way; use mode: {VAL_METRICS[metric]}.")
+
+    searcher_raw = raw.get("searcher", {"type": "optuna"})
+    if isinstance(searcher_raw, str):
+        searcher_raw = {"type": searcher_raw}
+    _require_mapping(searcher_raw, "searcher", src)
+    _check_keys(searcher_raw, ("type", "seed"), src, "searcher")
+    searcher = _get(searcher_raw, "type", str, src, "optuna", "searcher")
+    if searcher not in SEARCHERS:
+        raise CxrError(f"{src}: searcher.type '{searcher}'; allowed: {', '.join(SEARCHERS)}{_suggest(searcher, SEARCHERS)}.")
+    seed = _get(searcher_raw, "seed", int, src, 0, "searcher")
+
+    sched_raw = raw.get("scheduler", {"type": "asha"})
+    if isinstance(sched_raw, str):
+        sched_raw = {"type": sched_raw}
+    _require_mapping(sched_raw, "scheduler", src)
+    _check_keys(sched_raw, ("type", "max_t", "grace_period", "reduction_factor"), src, "scheduler")
+    kind = _get(sched_raw, "type", str, src, "asha", "scheduler")
+    if kind not in SCHEDULERS:
+        raise CxrError(f"{src}: scheduler.type '{kind}'; allowed: {', '.join(SCHEDULERS)}{_suggest(kind, SCHEDULERS)}.")
+
+    trial = raw.get("trial", {}) or {}
+    _require_mapping(trial, "trial", src)
+    for key, value in trial.items():
+        _check_trial_value(key, value, f"{src}: trial")
+    max_epochs = trial.get("max_epochs", TrialConfig.max_epochs)
+    scheduler = SchedulerSpec(
+        kind=kind,
+        max_t=_get(sched_raw, "max_t", int, src, max_epochs, "scheduler"),
+        grace_period=_get(sched_raw, "grace_period", int, src, 3, "scheduler"),
+        reduction_factor=_get(sched_raw, "reduction_factor", int, src, 3, "scheduler"),
+    )
+    if kind == "asha":
+        if scheduler.grace_period < 1 or scheduler.grace_period > scheduler.max_t:
+            raise CxrError(f"{src}: scheduler.grace_period must be in [1, max_t={scheduler.max_t}], got {scheduler.grace_period}.")
+        if scheduler.reduction_factor < 2:
+            raise CxrError(f"{src}: scheduler.reduction_factor must be >= 2, got {scheduler.reduction_factor}.")
+
+    params_raw = raw.get("params", {}) or {}
+    _require_mapping(params_raw, "params", src)
+    params = tuple(_parse_param(name, dom, src) for name, dom in params_raw.items())
+    both = sorted(set(trial) & {p.name for p in params})
+    if both:
+        raise CxrError(f"{src}: {', '.join(both)} is both fixed under 'trial' and searched under 'params'; keep one.")
+
+    variants = _parse_variants(raw.get("variants"), src)
+    has_grid = any(p.domain == "grid" for p in params) or bool(variants)
+    if searcher == "optuna" and has_grid:
+        raise CxrError(f"{src}: grid domains and variants need searcher: grid (Optuna samples, it cannot enumerate a grid).")
+    if searcher == "grid" and not has_grid:
+        raise CxrError(f"{src}: searcher: grid needs 'variants' or at least one 'grid' domain under params.")
+
+    resources = raw.get("resources", {}) or {}
+    _require_mapping(resources, "resources", src)
+    _check_keys(resources, ("cpu", "gpu"), src, "resources")
+    cpus = _get(resources, "cpu", float, src, 1.0, "resources")
+    gpus = resources.get("gpu", "auto")
+    if not (gpus == "auto" or (isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and 0 <= gpus)):
+        raise CxrError(f"{src}: resources.gpu must be 'auto' or a number >= 0 (a fraction shares a GPU), got {gpus!r}.")
+
+    data = raw.get("data", {}) or {}
+    _require_mapping(data, "data", src)
+    _check_keys(data, DATA_KEYS, src, "data")
+    for key, kind_ in (("size", int), ("n_images", int), ("seed", int), ("val_fraction", float), ("equalize", str)):
+        if key in data:
+            data = {**data, key: _get(data, key, kind_, src, None, "data")}
+    if "val_fraction" in data and not 0 < data["val_fraction"] < 1:
+        raise CxrError(f"{src}: data.val_fraction must be in (0, 1), got {data['val_fraction']}.")
+
+    budget = raw.get("cpu_budget", {}) or {}
+    _require_mapping(budget, "cpu_budget", src)
+    _check_keys(budget, CPU_BUDGET_KEYS, src, "cpu_budget")
+    for key, value in (budget.get("trial") or {}).items():
+        _check_trial_value(key, value, f"{src}: cpu_budget.trial")
+    for name, dom in (budget.get("params") or {}).items():
+        _parse_param(name, dom, f"{src}: cpu_budget")
+
+    num_samples = _get(raw, "num_samples", int, src, 1)
+    max_conc = raw.get("max_concurrent_trials")
+    if max_conc is not None:
+        max_conc = _get(raw, "max_concurrent_trials", int, src, None)
+    checkpoint_every = _get(raw, "checkpoint_every", int, src, 1)
+    max_failures = _get(raw, "max_failures", int, src, 2)
+    for key, value, lo in (("num_samples", num_samples, 1), ("checkpoint_every", checkpoint_every, 1),
+                           ("max_failures", max_failures, 1), ("max_concurrent_trials", max_conc or 1, 1)):
+        if value < lo:
+            raise CxrError(f"{src}: {key} must be >= {lo}, got {value}.")
+
+    return SearchSpec(
+        name=_get(raw, "name", str, src, Path(src).stem),
+        source=src,
+        metric=metric,
+        mode=mode,
+        searcher=searcher,
+        seed=seed,
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=max_conc,
+        cpus_per_trial=cpus,
+        gpus_per_trial=gpus if gpus == "auto" else float(gpus),
+        checkpoint_every=checkpoint_every,
+        max_failures=max_failures,
+        data=dict(data),
+        trial=dict(trial),
+        params=params,
+        variants=variants,
+        cpu_budget=dict(budget),
+        description=str(raw.get("description", "")),
+        raw=raw,
+    )
+
+
+def _parse_param(name: str, dom: Any, src: str) -> ParamSpec:
+    where = f"{src}: params.{name}"
+    if name not in _TRIAL_FIELDS:
+        raise CxrError(f"{src}: params.{name} is not a trial setting{_suggest(name, _TRIAL_FIELDS)} "
+                       f"(settings are the TrialConfig fields).")
+    if not isinstance(dom, dict) or len(dom) != 1:
+        raise CxrError(f"{where}: write one domain as a mapping, e.g. {{choice: [...]}} or {{loguniform: [1e-4, 1e-2]}}; "
+                       f"domains: {', '.join(DOMAINS)}.")
+    (domain, arg), = dom.items()
+    if domain not in DOMAINS:
+        raise CxrError(f"{where}: unknown domain '{domain}'; allowed: {', '.join(DOMAINS)}{_suggest(domain, DOMAINS)}.")
+    if domain == "constant":
+        _check_trial_value(name, arg, f"{src}: params")
+        return ParamSpec(name, domain, (arg,))
+    if not isinstance(arg, list) or not arg:
+        raise CxrError(f"{where}.{domain} must be a non-empty list, got {arg!r}.")
+    if domain in ("choice", "grid"):
+        for value in arg:
+            _check_trial_value(name, value, f"{src}: params")
+        return ParamSpec(name, domain, tuple(arg))
+    if len(arg) != 2:
+        raise CxrError(f"{where}.{domain} must be [low, high], got {arg!r}.")
+    kind = type(getattr(TrialConfig, name))
+    want = int if domain == "randint" else float
+    if kind not in (int, float) or (domain == "randint" and kind is not int):
+        raise CxrError(f"{where}: '{domain}' needs a numeric ({want.__name__}) setting; '{name}' is {kind.__name__}.")
+    lo, hi = (_number(v, want, where, domain) for v in arg)
+    if not lo < hi:
+        raise CxrError(f"{where}.{domain}: low must be < high, got [{lo}, {hi}].")
+    if domain == "loguniform" and lo <= 0:
+        raise CxrError(f"{where}.loguniform: bounds must be > 0, got [{lo}, {hi}].")
+    for value in (lo, hi):
+        _check_trial_value(name, value, f"{src}: params")
+    return ParamSpec(name, domain, (lo, hi))
+
+
+def _parse_variants(raw: Any, src: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise CxrError(f"{src}: variants must be a list of mappings, each with a 'variant' name and trial settings.")
+    out, seen = [], set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("variant"), (str, int)):
+            raise CxrError(f"{src}: variants[{i}] needs a 'variant' name (e.g. variant: rmsprop_l2).")
+        name = str(item["variant"])
+        if name in seen:
+            raise CxrError(f"{src}: variants[{i}]: duplicate variant name '{name}'.")
+        seen.add(name)
+        settings = {k: v for k, v in item.items() if k != "variant"}
+        for key, value in settings.items():
+            _check_trial_value(key, value, f"{src}: variants[{i}] ({name})")
+        out.append((name, settings))
+    return tuple(out)
+
+
+def _check_trial_value(key: str, value: Any, where: str) -> None:
+    """Check one TrialConfig field by building a config with it (the same validation the trainable uses)."""
+    if key not in _TRIAL_FIELDS:
+        raise CxrError(f"{where}: unknown setting '{key}'{_suggest(key, _TRIAL_FIELDS)} (settings are the TrialConfig fields).")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise CxrError(f"{where}.{key}: '{value}' is not allowed; allowed: {', '.join(CHOICES[key])}"
+                       f"{_suggest(str(value), CHOICES[key])}.")
+    try:
+        TrialConfig.from_dict({key: value}, source=where)
+    except CxrError as e:
+        msg = str(e)
+        raise CxrError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _get(d: dict, key: str, kind: type, src: str, default: Any, section: str = "") -> Any:
+    name = f"{section}.{key}" if section else key
+    if key not in d or d[key] is None:
+        return default
+    value = d[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CxrError(f"{src}: {name} must be {kind.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _number(value: Any, kind: type, where: str, domain: str) -> float | int:
+    if isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            raise CxrError(f"{where}.{domain}: '{value}' is not a number.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CxrError(f"{where}.{domain}: {value!r} is not a number.")
+    if kind is int:
+        if float(value) != int(value):
+            raise CxrError(f"{where}.{domain}: randint bounds must be integers, got {value}.")
+        return int(value)
+    return float(value)
+
+
+def _check_keys(d: dict, allowed: tuple[str, ...] | Any, src: str, section: str = "") -> None:
+    for key in d:
+        if key not in allowed:
+            where = f"{section}.{key}" if section else str(key)
+            raise CxrError(f"{src}: unknown key '{where}'{_suggest(str(key), allowed)}; allowed: {', '.join(allowed)}.")
+
+
+def _require_mapping(value: Any, key: str, src: str) -> None:
+    if not isinstance(value, dict):
+        raise CxrError(f"{src}: '{key}' must be a mapping (key: value lines), got {type(value).__name__}.")
+
+
+def _suggest(word: str, options: Any) -> str:
+    hint = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""

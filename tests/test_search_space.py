@@ -1,0 +1,140 @@
+"""Search-space files: the shipped ones load and reproduce the study's tables; mistakes fail before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+from ray import tune
+from ray.tune.search.variant_generator import generate_variants
+
+from cxr_search.config import TrialConfig
+from cxr_search.errors import CxrError
+from cxr_search.paths import reference_dir
+from cxr_search.search.space import known, load_space, trial_fields
+
+GOOD = """
+name: tiny
+metric: val_macro_f1
+mode: max
+searcher: {type: optuna, seed: 3}
+scheduler: {type: asha, max_t: 4, grace_period: 1, reduction_factor: 2}
+num_samples: 5
+max_concurrent_trials: 2
+resources: {cpu: 1, gpu: auto}
+data: {size: 64, equalize: hist, val_fraction: 0.2}
+trial: {backbone: cnn3, max_epochs: 4}
+params:
+  lr: {loguniform: [1.0e-4, 1.0e-2]}
+  optimizer: {choice: [sgd, adam]}
+  batch_size: {randint: [8, 32]}
+"""
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("name", ["inception", "backbones", "seed_grid"])
+def test_shipped_spaces_load_and_sample_valid_trial_configs(name):
+    spec = load_space(name)
+    assert spec.metric.startswith("val_")
+    space = spec.param_space()
+    # Every grid point / sample resolves to a config the trainable accepts.
+    for _, config in list(generate_variants(space))[:30]:
+        TrialConfig.from_dict(trial_fields(config))
+
+
+def test_known_lists_the_shipped_spaces():
+    assert {"inception", "backbones", "seed_grid"} <= set(known())
+
+
+def test_seed_grid_reproduces_the_study_tables_point_by_point():
+    spec = load_space("seed_grid")
+    points = {cfg["variant"]: cfg for _, cfg in generate_variants(spec.param_space())}
+    finetune = pd.read_csv(reference_dir() / "study_inception_finetuning.csv", dtype={"variant": str})
+    for row in finetune.itertuples():
+        name = row.variant if row.variant == "sgd_baseline" else f"variant_{row.variant}"
+        cfg = points[name]
+        assert cfg["backbone"] == "inception_v3"
+        assert (cfg["optimizer"], cfg["freeze_fraction"], cfg["head"], cfg["regularizer"]) == (
+            row.optimizer, row.freeze_fraction, row.head, row.regularizer), name
+        if row.regularizer != "none":
+            assert cfg["reg_strength"] == row.reg_strength
+        if row.head == "dense_dropout":
+            assert cfg["dropout"] == row.dropout
+    backbones = pd.read_csv(reference_dir() / "study_backbones.csv")
+    ours = {cfg["backbone"] for name, cfg in points.items() if name.startswith("backbone_")}
+    assert ours == {"densenet121" if m == "densenet" else m for m in backbones["model"]}
+    assert len(points) == len(finetune) + len(backbones)
+
+
+def test_domains_translate_to_tune(tmp_path):
+    spec = load_space(_write(tmp_path, GOOD))
+    space = spec.param_space()
+    assert isinstance(space["lr"], tune.search.sample.Float) and space["lr"].lower == 1e-4
+    assert space["optimizer"].categories == ["sgd", "adam"]
+    # YAML randint bounds are inclusive: 32 must be reachable.
+    assert space["batch_size"].lower == 8 and space["batch_size"].upper == 33
+    assert space["backbone"] == "cnn3"
+    assert (spec.metric, spec.mode, spec.seed, spec.num_samples) == ("val_macro_f1", "max", 3, 5)
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("num_samples: 5", "num_sample: 5", ["unknown key 'num_sample'", "num_samples"]),
+        ("optimizer: {choice: [sgd, adam]}", "optimiser: {choice: [sgd, adam]}", ["params.optimiser", "optimizer"]),
+        ("optimizer: {choice: [sgd, adam]}", "optimizer: {choice: [sdg, adam]}", ["'sdg'", "sgd", "rmsprop"]),
+        ("lr: {loguniform: [1.0e-4, 1.0e-2]}", "lr: {logunifrom: [1.0e-4, 1.0e-2]}", ["logunifrom", "loguniform"]),
+        ("lr: {loguniform: [1.0e-4, 1.0e-2]}", "lr: {loguniform: [0, 1.0e-2]}", ["> 0"]),
+        ("num_samples: 5", "num_samples: ten", ["num_samples must be int", "'ten'"]),
+        ("max_epochs: 4}", "max_epochs: four}", ["max_epochs", "int"]),
+        ("metric: val_macro_f1", "metric: test_acc", ["not a validation metric", "test metrics never"]),
+        ("mode: max", "mode: min", ["use mode: max"]),
+        ("searcher: {type: optuna, seed: 3}", "searcher: {type: hyperopt}", ["searcher.type", "optuna, random, grid"]),
+        ("resources: {cpu: 1, gpu: auto}", "resources: {cpu: 1, gpu: lots}", ["resources.gpu", "'auto'"]),
+        ("batch_size: {randint: [8, 32]}", "batch_size: {grid: [8, 32]}", ["searcher: grid"]),
+        ("trial: {backbone: cnn3, max_epochs: 4}", "trial: {backbone: resnet43, max_epochs: 4}", ["resnet34"]),
+    ],
+)
+def test_mistakes_name_the_file_the_key_and_the_fix(tmp_path, old, new, expected):
+    assert old in GOOD
+    path = _write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(CxrError) as err:
+        load_space(path)
+    message = str(err.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message, message
+
+
+def test_unknown_space_name_suggests_the_closest():
+    with pytest.raises(CxrError, match="did you mean 'inception'|Did you mean 'inception'"):
+        load_space("inceptoin")
+
+
+def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
+    path = _write(tmp_path, GOOD.replace("optimizer: {choice: [sgd, adam]}", "optimizer: {choice: [sgd, adamm]}"))
+    code = (
+        "import sys\n"
+        "from cxr_search.cli import main\n"
+        "sys.argv = ['cxr-search', 'run', sys.argv[1], '--storage', sys.argv[2]]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('RAY_IMPORTED' if 'ray' in sys.modules else 'RAY_NOT_IMPORTED')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "exps")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "RAY_NOT_IMPORTED" in proc.stdout
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(path) in err and "adamm" in err and "'adam'" in err
+    assert not (tmp_path / "exps").exists()

@@ -45,6 +45,163 @@ def data_synth(
     phantoms.print_summary(summary, console)
 
 
+@data_app.command("check")
+def data_check(
+    data_dir: Path = typer.Argument(..., help="Data folder (Kaggle or flat class folders) or a CSV manifest."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 on duplicates or patients shared across splits."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: all cores)."),
+) -> None:
+    """Decode every image and report unusable files, sizes, formats, duplicates and patient leakage."""
+    from cxr_search.data import integrity
+
+    report = integrity.check(data_dir, workers=workers, progress=True)
+    integrity.print_report(report, console)
+    if json_out is not None:
+        report.write_json(json_out)
+    if strict and report.cross_split_leakage:
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run(
+    space: str = typer.Argument("inception", help="Search space: a name in search_spaces/ or a YAML path."),
+    data: Path = typer.Option(None, "--data", help="X-ray folder (Kaggle layout, class folders or CSV); default: phantoms."),
+    name: str = typer.Option(None, "--name", help="Experiment name (default <space>-<timestamp>)."),
+    num_samples: int = typer.Option(None, "--num-samples", help="Trials to sample (per grid point)."),
+    max_epochs: int = typer.Option(None, "--max-epochs", help="Epoch budget per trial (also ASHA's max_t)."),
+    smoke: bool = typer.Option(False, "--smoke", help="A few tiny trials: checks the pipeline in about a minute."),
+    address: str = typer.Option(None, "--address", help="Ray cluster: 'auto' (after `ray up`) or ray://host:10001."),
+    storage: str = typer.Option(None, "--storage", help="Experiments root: a path, or s3://... for a cluster."),
+    gpus_per_trial: str = typer.Option(None, "--gpus-per-trial", help="'auto' (from backbone memory) or a fraction."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the searcher and the trials."),
+    stages: str = typer.Option("search,retrain,ensemble", "--stages", help="Stages to run, comma-separated."),
+    top_k: int = typer.Option(None, "--top-k", help="Configurations to retrain / ensemble members."),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds per retrained configuration."),
+) -> None:
+    """Search a space with Ray Tune (Optuna + ASHA), then retrain the best, ensemble and summarise."""
+    from cxr_search.search.pipeline import run_pipeline
+
+    run_pipeline(space, data_dir=data, name=name, num_samples=num_samples, max_epochs=max_epochs, smoke=smoke,
+                 address=address, storage=storage, gpus_per_trial=gpus_per_trial, seed=seed,
+                 stages=tuple(s.strip() for s in stages.split(",") if s.strip()), top_k=top_k, seeds=seeds,
+                 console=console)
+
+
+@app.command("resume")
+def resume(
+    exp: Path = typer.Argument(..., help="Experiment folder of an interrupted `cxr-search run`."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to resume on (default: as the run)."),
+) -> None:
+    """Continue an interrupted run: unfinished and errored trials resume from their checkpoints."""
+    from cxr_search.search.pipeline import resume_pipeline
+
+    resume_pipeline(exp, console=console, address=address)
+
+
+@app.command("status")
+def status(exp: Path = typer.Argument(..., help="Experiment folder.")) -> None:
+    """Trials of an experiment, read from its folder (no Ray needed; works while a search runs)."""
+    from cxr_search.search.pipeline import print_status
+
+    print_status(exp, console)
+
+
+@app.command("retrain")
+def retrain(
+    exp: Path = typer.Argument(..., help="Experiment folder written by `cxr-search run`."),
+    top: int = typer.Option(1, "--top", help="Distinct configurations to retrain, best validation metric first."),
+    seeds: int = typer.Option(50, "--seeds", help="Seeds per configuration (0..N-1); finished seeds are kept."),
+    max_epochs: int = typer.Option(None, "--max-epochs", help="Epoch budget per run (default: the search's)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster (default: as the experiment ran)."),
+) -> None:
+    """Retrain the search's best configurations over many seeds on the same splits; summarise the spread."""
+    from cxr_search import report
+    from cxr_search.search.retrain import retrain_experiment
+
+    retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address)
+    report.write_summary(exp)
+    report.print_markdown(report.retrain_section(exp), console)
+    console.print(f"results: {exp / 'retrain'} (results.parquet, summary.csv, distribution.png)")
+
+
+@app.command("ensemble")
+def ensemble(
+    exp: Path = typer.Argument(..., help="Experiment folder."),
+    top: int = typer.Option(3, "--top", help="Members: the best models by validation metric."),
+    source: str = typer.Option(None, "--from", help="search | retrain (default: retrain if it ran, else search)."),
+    weights: str = typer.Option("uniform", "--weights", help="uniform | val (by validation accuracy)."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Temperature scaling on validation."),
+) -> None:
+    """Soft-voting ensemble of finished models (no retraining), evaluated on test with bootstrap intervals."""
+    from cxr_search import report
+    from cxr_search.ensemble import build_ensemble
+
+    if source is None:
+        source = "retrain" if (exp / "retrain" / "results.parquet").is_file() else "search"
+    build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)
+    report.write_summary(exp)
+    report.print_markdown(report.ensemble_section(exp), console)
+    console.print(f"saved: {exp / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
+
+
+@app.command("train")
+def train(
+    backbone: str = typer.Option(..., "--backbone", help="cnn3, alexnet, vgg16, vgg19, resnet34, resnet50, inception_v3, xception, densenet121."),
+    data: Path = typer.Option(None, "--data", help="X-ray folder (Kaggle layout, class folders or CSV); default: phantoms."),
+    size: int = typer.Option(None, "--size", help="Image side in pixels (default 128; 64 with --smoke)."),
+    epochs: int = typer.Option(None, "--epochs", help="Maximum epochs; early stopping on val loss (default 100; 2 with --smoke)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Training batch size."),
+    optimizer: str = typer.Option("rmsprop", "--optimizer", help="sgd | rmsprop | adam | adamw."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    freeze_fraction: float = typer.Option(0.0, "--freeze-fraction", help="Fraction of the backbone frozen, 0..1."),
+    head: str = typer.Option("linear", "--head", help="linear | dense | dense_dropout."),
+    regularizer: str = typer.Option("none", "--regularizer", help="none | l1 | l2 | l1_l2 (Keras-style, strength 0.1)."),
+    pretrained: str = typer.Option("none", "--pretrained", help="none, a local weights file/folder, or a timm tag."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights, batches and augmentation."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    out: Path = typer.Option(None, "--out", help="Checkpoint folder (default experiments/train-<backbone>-<time>)."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny phantom set, 64 px, 2 epochs: runs in seconds on a CPU."),
+) -> None:
+    """Train one model without Ray, then print the study's summary columns and save the checkpoint."""
+    import json
+    import time
+
+    from rich.table import Table
+
+    from cxr_search import engine
+    from cxr_search.config import TrialConfig
+    from cxr_search.data import phantoms
+    from cxr_search.data.prepare import prepare
+
+    size = size or (64 if smoke else 128)
+    cfg = TrialConfig.from_dict(
+        dict(backbone=backbone, max_epochs=epochs or (2 if smoke else 100), batch_size=batch_size, optimizer=optimizer,
+             lr=lr, freeze_fraction=freeze_fraction, head=head, regularizer=regularizer, pretrained=pretrained,
+             seed=seed, device=device), source="cxr-search train")
+    if data is None and smoke:
+        data = phantoms.default_dataset(n_images=300, size=96)  # generated once into the cache
+    prepared = prepare(data, size=size, progress=True)
+    out = out or Path("experiments") / f"train-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    start = time.perf_counter()
+    result = engine.fit(cfg, prepared, report=lambda metrics, write_checkpoint: write_checkpoint(out), progress=True)
+    elapsed = time.perf_counter() - start
+    best = result.history[result.best_epoch - 1]
+    (out / "result.json").write_text(json.dumps(
+        {"history": result.history, "best_epoch": result.best_epoch, "best_val": result.best_val,
+         "test": result.test, "stop_reason": result.stop_reason, "time_s": elapsed}, indent=2))
+    table = Table(title=f"{backbone}: best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason})",
+                  caption="recalls on test; covid = covid_recall_vs_pneumonia; gap = train acc - val acc")
+    columns = {"train acc": best["train_acc"], "val acc": best["val_acc"], "test acc": result.test["acc"],
+               "normal": result.test["normal_recall"], "covid": result.test["covid_recall_vs_pneumonia"],
+               "gap": best["train_acc"] - best["val_acc"], "time s": elapsed}
+    for name in columns:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{v:.0f}" if k == "time s" else f"{v:.4f}" for k, v in columns.items()))
+    console.print(table)
+    console.print(f"checkpoint: {out} (state.pt, config.json, result.json)")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     command = typer.main.get_command(app)

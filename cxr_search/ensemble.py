@@ -1,0 +1,311 @@
+"""Soft-voting ensembles of finished models, temperature scaling on validation, honest test statistics.
+
+Members are read from the predictions each finished trial left behind (`<stage>/predictions/<trial>.npz`
+with `val_labels`, `val_probs`, `test_labels`, `test_probs`, `classes`): no retraining, no Ray.
+Everything that is *fitted* (member choice, weights, temperature) uses validation data only; test data
+is only ever evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from cxr_search import CLASSES
+from cxr_search.errors import CxrError
+from cxr_search.metrics import bootstrap_ci, bootstrap_indices, classification_metrics, confusion, ece
+
+# Probabilities are clipped here before taking logs: a member that is certain (p = 0) must not make NLL infinite.
+_PROB_FLOOR = 1e-12
+# Temperature search range: T in [0.1, 10]. Wider ranges let a validation set the ensemble separates perfectly
+# drive T to ~0 (NLL -> 0 on validation, overconfident on test).
+_LOG_T_BOUNDS = (math.log(0.1), math.log(10.0))
+
+
+@dataclass(frozen=True)
+class Member:
+    """One finished model's stored predictions (best-validation weights)."""
+
+    trial_id: str
+    checkpoint_dir: str  # where the best checkpoint lives ("" if unknown); a future `predict` loads it
+    val_labels: np.ndarray  # int64 [Nv]
+    val_probs: np.ndarray  # float [Nv, C]
+    test_labels: np.ndarray  # int64 [Nt]
+    test_probs: np.ndarray  # float [Nt, C]
+    classes: tuple[str, ...]
+
+
+def soft_vote(member_probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Soft voting: the (weighted) mean of the members' class probabilities.
+
+    Args:
+        member_probs: one [N, C] probability array per member, same rows and class order.
+        weights: one non-negative weight per member (normalised here); None means equal weights.
+
+    Returns:
+        float64 [N, C]; each row sums to 1 if every member's rows do.
+    """
+    if len(member_probs) == 0:
+        raise CxrError("soft voting needs at least one member; is the experiment's predictions/ folder empty?")
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])  # [M, N, C]
+    w = np.ones(len(member_probs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(member_probs),) or np.any(w < 0) or not w.sum() > 0:
+        raise CxrError(f"ensemble weights must be {len(member_probs)} non-negative numbers with a positive sum, got {w}.")
+    return np.tensordot(w / w.sum(), stacked, axes=1)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Rescale probabilities by a temperature: softmax(log p / T). T > 1 softens, T < 1 sharpens; argmax unchanged."""
+    logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), _PROB_FLOOR, 1.0))
+    return softmax(logp / temperature, axis=1)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (natural log)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels], _PROB_FLOOR, 1.0)
+    return float(-np.log(p).mean())
+
+
+def fit_temperature(val_probs: np.ndarray, val_labels: np.ndarray) -> float:
+    """One temperature minimising validation NLL (Guo et al. 2017), searched on log T so T stays positive.
+
+    Args:
+        val_probs: [N, C] validation probabilities of the (ensembled) model.
+        val_labels: [N] validation labels. Test data must never be passed here.
+
+    Returns:
+        The fitted temperature T > 0 (1.0 means already calibrated).
+    """
+    labels = np.asarray(val_labels, dtype=np.int64)
+    logp = np.log(np.clip(np.asarray(val_probs, dtype=np.float64), _PROB_FLOOR, 1.0))
+    if len(labels) == 0 or not np.isfinite(logp).all():
+        raise CxrError("temperature scaling needs finite validation probabilities; the validation split is empty or broken.")
+
+    def val_nll(log_t: float) -> float:
+        return float(-log_softmax(logp / math.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
+
+    found = minimize_scalar(val_nll, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5})
+    # Never return a temperature that is worse than doing nothing (flat or noisy objectives).
+    return float(math.exp(found.x)) if found.fun < val_nll(0.0) else 1.0
+
+
+def load_member(npz_path: Path, *, trial_id: str | None = None, checkpoint_dir: str = "") -> Member:
+    """Read one trial's stored predictions (`predictions/<trial>.npz`); arrays only, no pickle."""
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            classes = tuple(str(c) for c in z["classes"]) if "classes" in z else CLASSES
+            return Member(
+                trial_id=trial_id or Path(npz_path).stem,
+                checkpoint_dir=checkpoint_dir,
+                val_labels=z["val_labels"].astype(np.int64),
+                val_probs=z["val_probs"].astype(np.float64),
+                test_labels=z["test_labels"].astype(np.int64),
+                test_probs=z["test_probs"].astype(np.float64),
+                classes=classes,
+            )
+    except (OSError, KeyError, ValueError) as e:
+        raise CxrError(f"{npz_path}: not a readable predictions file ({e}); rerun the stage that wrote it.") from None
+
+
+def check_compatible(members: Sequence[Member]) -> None:
+    """Members must share class order and the very same val/test samples (labels equal row by row)."""
+    first = members[0]
+    for m in members[1:]:
+        if m.classes != first.classes:
+            raise CxrError(f"trial {m.trial_id} has classes {m.classes}, trial {first.trial_id} has {first.classes}; "
+                           "members of one ensemble must share the class order.")
+        for split in ("val", "test"):
+            a, b = getattr(first, f"{split}_labels"), getattr(m, f"{split}_labels")
+            if a.shape != b.shape or not np.array_equal(a, b):
+                raise CxrError(f"trials {first.trial_id} and {m.trial_id} were evaluated on different {split} sets; "
+                               "ensemble only models trained on the same data splits (same experiment).")
+
+
+def member_weights(members: Sequence[Member], mode: str) -> np.ndarray:
+    """Voting weights: `uniform`, or `val` = proportional to each member's validation accuracy (validation only)."""
+    if mode == "uniform":
+        w = np.ones(len(members))
+    elif mode == "val":
+        w = np.array([float((m.val_probs.argmax(1) == m.val_labels).mean()) for m in members])
+        if not w.sum() > 0:
+            w = np.ones(len(members))
+    else:
+        raise CxrError(f"--weights is '{mode}'; allowed: uniform, val.")
+    return w / w.sum()
+
+
+def evaluate(members: Sequence[Member], weights: np.ndarray, *, calibrate: bool = True,
+             n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Soft-vote the members, fit a temperature on validation, and evaluate everything on test.
+
+    Args:
+        members: compatible members (see `check_compatible`).
+        weights: one weight per member (from `member_weights`).
+        calibrate: fit and apply temperature scaling (validation NLL).
+        n_resamples: bootstrap resamples for the test confidence intervals (stratified by class).
+        seed: bootstrap seed.
+
+    Returns:
+        JSON-able dict: `temperature`, `metrics` (ensemble, calibrated if asked: {name: [point, lo, hi]}),
+        `metrics_uncalibrated`, `ece_before`, `ece_after`, `val_nll_before`, `val_nll_after`,
+        `member_metrics` (test metrics of each member), `best_single` (trial id and metrics with CIs), `confusion_matrix`,
+        `acc_gain_vs_best_single` ([point, lo, hi], paired bootstrap).
+    """
+    check_compatible(members)
+    y_val, y_test = members[0].val_labels, members[0].test_labels
+    val_probs = soft_vote([m.val_probs for m in members], weights)
+    test_probs_raw = soft_vote([m.test_probs for m in members], weights)
+    temperature = fit_temperature(val_probs, y_val) if calibrate else 1.0
+    test_probs = apply_temperature(test_probs_raw, temperature)
+
+    ci = bootstrap_ci(y_test, test_probs, n_resamples=n_resamples, stratified=True, seed=seed)
+    member_metrics = {m.trial_id: classification_metrics(m.test_labels, m.test_probs) for m in members}
+    # The best single model is chosen on validation (never test), like every other choice here.
+    best = max(members, key=lambda m: float((m.val_probs.argmax(1) == m.val_labels).mean()))
+    best_ci = bootstrap_ci(y_test, best.test_probs, n_resamples=n_resamples, stratified=True, seed=seed)
+    uncal = classification_metrics(y_test, test_probs_raw)
+    return {
+        "temperature": temperature,
+        "metrics": {k: [float(x) for x in v] for k, v in ci.items()},
+        "metrics_uncalibrated": {k: float(v) for k, v in uncal.items()},
+        "ece_before": float(uncal["ece"]),
+        "ece_after": float(ece(test_probs, y_test)),
+        "val_nll_before": nll(val_probs, y_val),
+        "val_nll_after": nll(apply_temperature(val_probs, temperature), y_val),
+        "member_metrics": {tid: {k: float(v) for k, v in mm.items()} for tid, mm in member_metrics.items()},
+        "best_single": {"trial_id": best.trial_id,
+                        "metrics": {k: [float(x) for x in v] for k, v in best_ci.items()}},
+        "acc_gain_vs_best_single": paired_acc_gain(y_test, test_probs, best.test_probs,
+                                                   n_resamples=n_resamples, seed=seed),
+        "confusion_matrix": confusion(y_test, test_probs.argmax(1)).tolist(),
+    }
+
+
+def paired_acc_gain(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, *, n_resamples: int = 1000,
+                    seed: int = 0, level: float = 0.95) -> list[float]:
+    """Accuracy of A minus accuracy of B on the same test images, with a paired stratified bootstrap CI.
+
+    Pairing (scoring both models on each resample of the images) gives a much tighter interval than
+    comparing two separate intervals.
+
+    Returns:
+        [point, lower, upper].
+    """
+    y = np.asarray(y)
+    diff = (probs_a.argmax(1) == y).astype(np.float64) - (probs_b.argmax(1) == y)
+    gains = diff[bootstrap_indices(y, n_resamples, stratified=True, seed=seed)].mean(axis=1)
+    lo, hi = np.quantile(gains, [(1.0 - level) / 2, (1.0 + level) / 2])
+    return [float(diff.mean()), float(lo), float(hi)]
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    """Write the confusion matrix as a PNG (matplotlib Agg, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(ax=ax, colorbar=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
+    """Long table `model, metric, value, ci_low, ci_high` comparing ensemble, best single model and members."""
+    rows = []
+    for name, (point, lo, hi) in result["metrics"].items():
+        rows.append({"model": "ensemble", "metric": name, "value": point, "ci_low": lo, "ci_high": hi})
+    for name, value in result["metrics_uncalibrated"].items():
+        rows.append({"model": "ensemble_uncalibrated", "metric": name, "value": value,
+                     "ci_low": math.nan, "ci_high": math.nan})
+    best = result["best_single"]
+    for name, (point, lo, hi) in best["metrics"].items():
+        rows.append({"model": f"best_single:{best['trial_id']}", "metric": name, "value": point,
+                     "ci_low": lo, "ci_high": hi})
+    for tid, mm in result["member_metrics"].items():
+        for name, value in mm.items():
+            rows.append({"model": f"member:{tid}", "metric": name, "value": value,
+                         "ci_low": math.nan, "ci_high": math.nan})
+    gain = result["acc_gain_vs_best_single"]
+    rows.append({"model": "ensemble_minus_best_single", "metric": "acc", "value": gain[0],
+                 "ci_low": gain[1], "ci_high": gain[2]})
+    return pd.DataFrame(rows)
+
+
+def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "retrain", weights: str = "uniform",
+                   calibrate: bool = True, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Build, evaluate and save a soft-voting ensemble of the experiment's best finished models.
+
+    Members are the `top_k` trials of the chosen stage ranked by the search's validation metric. Writes
+    `EXP/ensemble/ensemble.json` (what a future `predict` loads), `EXP/ensemble/metrics.csv` and
+    `EXP/ensemble/confusion_matrix.png`.
+
+    Args:
+        exp_dir: the experiment folder.
+        top_k: number of members.
+        source: `search` (the search's trials) or `retrain` (the seed runs of the top configurations).
+        weights: `uniform` or `val` (proportional to validation accuracy).
+        calibrate: fit one temperature on validation NLL and apply it.
+        n_resamples: bootstrap resamples for test confidence intervals.
+        seed: bootstrap seed.
+
+    Returns:
+        The ensemble description as saved in ensemble.json.
+    """
+    from cxr_search.retrain import rank_trials
+
+    exp_dir = Path(exp_dir)
+    if source not in ("search", "retrain"):
+        raise CxrError(f"--from is '{source}'; allowed: search, retrain.")
+    if top_k < 1:
+        raise CxrError(f"--top must be >= 1, got {top_k}.")
+    stage_dir = exp_dir if source == "search" else exp_dir / "retrain"
+    ranked = rank_trials(exp_dir, stage_dir, finished_only=True)
+    if ranked.empty:
+        hint = f"run `cxr-search retrain {exp_dir}` first" if source == "retrain" else "run a search first"
+        raise CxrError(f"{stage_dir}: no finished trials with predictions; {hint}.")
+    chosen = ranked.head(top_k)
+    members = [load_member(Path(r.predictions_path), trial_id=str(r.trial_id), checkpoint_dir=str(r.checkpoint_dir))
+               for r in chosen.itertuples()]
+    w = member_weights(members, weights)
+    result = evaluate(members, w, calibrate=calibrate, n_resamples=n_resamples, seed=seed)
+
+    out = exp_dir / "ensemble"
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(members[0].classes)
+    plot_confusion(np.array(result["confusion_matrix"]), classes, out / "confusion_matrix.png",
+                   f"soft-voting ensemble of {len(members)} (test)")
+    metrics_table(result).to_csv(out / "metrics.csv", index=False)
+    description = {
+        "source": source,
+        "weighting": weights,
+        "calibrated": calibrate,
+        "classes": classes,
+        "temperature": result.pop("temperature"),
+        "members": [{"trial_id": m.trial_id, "checkpoint_dir": m.checkpoint_dir, "weight": float(wi),
+                     "val_acc": float((m.val_probs.argmax(1) == m.val_labels).mean())}
+                    for m, wi in zip(members, w, strict=True)],
+        "ranking_metric": str(chosen.attrs.get("metric", "")),
+        "n_test": int(len(members[0].test_labels)),
+        "n_val": int(len(members[0].val_labels)),
+        "bootstrap": {"n_resamples": n_resamples, "stratified": True, "level": 0.95, "seed": seed},
+        **result,
+    }
+    tmp = out / "ensemble.json.tmp"
+    tmp.write_text(json.dumps(description, indent=2))
+    tmp.replace(out / "ensemble.json")
+    return description

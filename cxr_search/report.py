@@ -1,0 +1,200 @@
+"""The experiment summary (`EXP/summary.md`): data warnings, search table beside the study's figures, seed
+spread, ensemble, each with confidence intervals. Every section is optional: missing stages are skipped."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr_search import paths
+from cxr_search.retrain import rank_trials
+
+# Figures shown per model, in the study's table order (DESIGN.md names).
+TABLE_METRICS = ("acc", "normal_recall", "covid_recall_vs_pneumonia")
+MAX_SEARCH_ROWS = 12  # the summary lists the best trials, not hundreds
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for a table cell; blank for missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{float(value):.{digits}f}"
+
+
+def fmt_ci(point: float, lo: float, hi: float, digits: int = 4) -> str:
+    """`0.9512 [0.9321, 0.9688]`: point estimate and 95% interval."""
+    return f"{fmt(point, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (written here to avoid needing `tabulate` for `DataFrame.to_markdown`)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
+    return "\n".join(lines)
+
+
+def study_summary(name: str) -> dict[str, Any]:
+    """One row of the study's `reference/study_summary.csv` (ensemble, best single, mean of 50 runs); {} if absent."""
+    path = paths.reference_dir() / "study_summary.csv"
+    df = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["result"])
+    hit = df[df["result"] == name]
+    return hit.iloc[0].to_dict() if len(hit) else {}
+
+
+def _test_cis(predictions_path: str, n_resamples: int) -> dict[str, tuple[float, float, float]]:
+    """Bootstrap CIs of one model's test figures from its stored predictions (empty if none stored)."""
+    from cxr_search.metrics import bootstrap_ci
+
+    if not predictions_path or not Path(predictions_path).is_file():
+        return {}
+    with np.load(predictions_path, allow_pickle=False) as z:
+        y, p = z["test_labels"], z["test_probs"]
+    return bootstrap_ci(y, p, n_resamples=n_resamples, stratified=True, seed=0, metrics=list(TABLE_METRICS))
+
+
+def search_section(exp_dir: Path, n_resamples: int = 1000) -> list[str]:
+    """The search's best trials (best per backbone if several backbones were searched) beside the study."""
+    # Ray-free; the one place where trials are matched to the study's rows
+    from cxr_search.search.results import study_table
+
+    ranked = rank_trials(exp_dir, finished_only=False)
+    if ranked.empty:
+        return []
+    metric, mode = ranked.attrs["metric"], ranked.attrs["mode"]
+    if "backbone" in ranked.columns and ranked["backbone"].nunique() > 1:
+        # a backbone comparison: the best trial of each backbone, like the study's table
+        shown, title = ranked.drop_duplicates("backbone", keep="first"), "Search: best trial per backbone"
+    else:
+        shown = ranked.head(MAX_SEARCH_ROWS)
+        title = f"Search: best {len(shown)} of {len(ranked)} trials"
+    ours = study_table(shown.reset_index(drop=True))
+    rows = []
+    for (_, r), trial_id, preds in zip(ours.iterrows(), shown["trial_id"], shown["predictions_path"], strict=True):
+        cis = _test_cis(str(preds), n_resamples)
+        row = {"trial": trial_id, "model": r["model"], "train acc": fmt(r["train_acc"]), "val acc": fmt(r["val_acc"])}
+        for m in TABLE_METRICS:
+            ours_key = "test_acc" if m == "acc" else m
+            row[f"test {m}"] = fmt_ci(*cis[m]) if m in cis else fmt(r[ours_key])
+            row[f"study {m}"] = fmt(r[f"study_{ours_key}"])
+        row.update({"train-val gap": fmt(r["train_val_gap"]), "time s": fmt(r["time_s"], 0),
+                    "stop": str(r["stop_reason"] or "")})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df = df.loc[:, [c for c in df.columns if (df[c].astype(str) != "").any()]]  # drop all-empty columns
+    return [f"## {title}", "",
+            f"Ranked by validation `{metric}` ({mode}); test figures with 95% stratified bootstrap intervals "
+            "from each trial's best-validation predictions. \"study\" columns: the study's reported test figures "
+            "for the matching backbone or fine-tuning variant.", "", markdown_table(df), ""]
+
+
+def retrain_section(exp_dir: Path) -> list[str]:
+    """The seed-to-seed spread of the retrained configurations (EXP/retrain/summary.csv)."""
+    path = exp_dir / "retrain" / "summary.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    summary = pd.read_csv(path)
+    if summary.empty:
+        return []
+    study = study_summary("variant7_mean_of_50_runs")
+    table = []
+    for r in summary.to_dict("records"):
+        study_key = "test_acc" if r["metric"] == "acc" else r["metric"]
+        rank = "" if pd.isna(r["rank"]) else f"#{int(r['rank'])} "
+        table.append({
+            "config": f"{rank}{r['config_key']} (from {r['source_trial_id']})", "test metric": r["metric"],
+            "seeds": r["n_seeds"], "mean ± std": f"{fmt(r['mean'])} ± {fmt(r['std'])}",
+            "95% CI of mean": f"[{fmt(r.get('mean_ci_low'))}, {fmt(r.get('mean_ci_high'))}]",
+            "2.5-97.5 pct": f"[{fmt(r['p2_5'])}, {fmt(r['p97_5'])}]", "min-max": f"{fmt(r['min'])}-{fmt(r['max'])}",
+            "study variant 7, mean of 50": fmt(study.get(study_key)) if study else "",
+        })
+    return ["## Retraining over seeds", "",
+            "Each configuration retrained with different seeds on the same splits. The 2.5-97.5 percentile range is "
+            "where a single run can land; the CI of the mean says how well the seeds pin down the expected score. "
+            "Figure: `retrain/distribution.png`.", "",
+            markdown_table(pd.DataFrame(table)), ""]
+
+
+def ensemble_section(exp_dir: Path) -> list[str]:
+    """The soft-voting ensemble (EXP/ensemble/ensemble.json) against its best single member and the study."""
+    path = exp_dir / "ensemble" / "ensemble.json"
+    if not path.is_file():
+        return []
+    ens = json.loads(path.read_text())
+    study_ens = study_summary("soft_voting_ensemble")
+    study_best = study_summary("best_single_variant7")
+    best = ens["best_single"]
+    rows = []
+    for m in ("acc", "macro_f1", "normal_recall", "covid_recall_vs_pneumonia", "disease_sensitivity",
+              "auroc_macro", "ece", "nll"):
+        if m not in ens["metrics"]:
+            continue
+        key = "test_acc" if m == "acc" else m
+        rows.append({"test metric": m, "ensemble": fmt_ci(*ens["metrics"][m]),
+                     f"best single ({best['trial_id']})": fmt_ci(*best["metrics"][m]) if m in best["metrics"] else "",
+                     "study ensemble": fmt(study_ens.get(key)), "study best single": fmt(study_best.get(key))})
+    gain = ens["acc_gain_vs_best_single"]
+    members = ", ".join(f"{m['trial_id']} (w={m['weight']:.3f})" for m in ens["members"])
+    return ["## Soft-voting ensemble", "",
+            f"{len(ens['members'])} members from the {ens['source']} stage, {ens['weighting']} weights: {members}.",
+            f"Temperature {ens['temperature']:.3f} fitted on validation NLL "
+            f"({ens['val_nll_before']:.4f} -> {ens['val_nll_after']:.4f}); test ECE {ens['ece_before']:.4f} -> "
+            f"{ens['ece_after']:.4f}. Accuracy gain over the best single member (chosen on validation): "
+            f"{fmt_ci(*gain)} (paired bootstrap). Test set: {ens['n_test']} images.", "",
+            markdown_table(pd.DataFrame(rows)), "", "Confusion matrix: `ensemble/confusion_matrix.png`.", ""]
+
+
+def data_section(exp_dir: Path) -> list[str]:
+    """The data report's warnings (duplicates, shared patients, ...) first: they qualify every number below."""
+    path = exp_dir / "data_report.json"
+    if not path.is_file():
+        return ["> No data report found (`data_report.json`): data integrity unknown.", ""]
+    report = json.loads(path.read_text())
+    warnings = report.get("warnings") or []
+    if not warnings:
+        return ["Data integrity: no warnings.", ""]
+    return ["## Data warnings", "", *[f"- **warning:** {w}" for w in warnings], ""]
+
+
+def build_summary(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
+    """The whole summary as Markdown.
+
+    Args:
+        exp_dir: the experiment folder; stages that have not run are left out.
+        n_resamples: bootstrap resamples for the per-trial test intervals.
+    """
+    exp_dir = Path(exp_dir)
+    parts = [f"# cxr-search summary: {exp_dir.name}", "", *data_section(exp_dir)]
+    body = (search_section(exp_dir, n_resamples) + retrain_section(exp_dir)
+            + ensemble_section(exp_dir))
+    if not body:
+        body = ["No finished stage yet (no `results.parquet`): run a search first.", ""]
+    return "\n".join(parts + body)
+
+
+def write_summary(exp_dir: str | Path) -> Path:
+    """Write `EXP/summary.md` and return its path."""
+    path = Path(exp_dir) / "summary.md"
+    path.write_text(build_summary(exp_dir))
+    return path
+
+
+def print_markdown(lines: list[str], console: Any) -> None:
+    """Print summary lines (Markdown) on a rich console."""
+    from rich.markdown import Markdown
+
+    console.print(Markdown("\n".join(lines)))
+
+
+def print_summary(exp_dir: str | Path, console: Any) -> None:
+    """Print the summary (written by `write_summary` if present, else built now) on a rich console."""
+    path = Path(exp_dir) / "summary.md"
+    print_markdown([path.read_text() if path.is_file() else build_summary(exp_dir)], console)

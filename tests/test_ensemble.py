@@ -1,0 +1,183 @@
+"""Soft voting, temperature scaling on validation only, and the saved ensemble a future `predict` loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import accuracy_score, log_loss
+
+from cxr_search import CLASSES
+from cxr_search.ensemble import (
+    apply_temperature,
+    build_ensemble,
+    fit_temperature,
+    load_member,
+    member_weights,
+    nll,
+    soft_vote,
+)
+from cxr_search.errors import CxrError
+
+
+def synthetic_predictions(y: np.ndarray, *, skill: float, overconfidence: float, rng: np.random.Generator) -> np.ndarray:
+    """Probabilities of a fake classifier: logits favour the true class by `skill`, scaled by `overconfidence`."""
+    logits = rng.normal(size=(len(y), 3))
+    logits[np.arange(len(y)), y] += skill
+    logits *= overconfidence
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def make_experiment(root: Path, *, n_trials: int = 4, n_val: int = 120, n_test: int = 150, seed: int = 0,
+                    stage: str = "", test_override=None) -> Path:
+    """A finished experiment on disk without training: search_space.yaml, results.parquet, predictions/*.npz."""
+    rng = np.random.default_rng(seed)
+    exp = root / "exp"
+    stage_dir = exp / stage if stage else exp
+    (stage_dir / "predictions").mkdir(parents=True, exist_ok=True)
+    (exp / "search_space.yaml").write_text(yaml.safe_dump({"metric": "val_loss", "mode": "min"}))
+    y_val = rng.integers(0, 3, n_val)
+    y_test = rng.integers(0, 3, n_test)
+    rows = []
+    for i in range(n_trials):
+        val = synthetic_predictions(y_val, skill=0.5 + 0.4 * i, overconfidence=3.0, rng=rng)
+        test = synthetic_predictions(y_test, skill=0.5 + 0.4 * i, overconfidence=3.0, rng=rng)
+        if test_override is not None:
+            test = test_override(i, test)
+        tid = f"trial_{i:03d}"
+        np.savez(stage_dir / "predictions" / f"{tid}.npz", val_labels=y_val, val_probs=val, test_labels=y_test,
+                 test_probs=test, classes=np.array(CLASSES))
+        rows.append({"trial_id": tid, "backbone": "cnn3", "optimizer": "rmsprop", "lr": 1e-3 * (i + 1), "seed": 0,
+                     "val_loss": log_loss(y_val, val, labels=[0, 1, 2]), "val_acc": accuracy_score(y_val, val.argmax(1)),
+                     "checkpoint_dir": str(stage_dir / tid / "checkpoint_best")})
+    pd.DataFrame(rows).to_parquet(stage_dir / "results.parquet")
+    return exp
+
+
+def test_soft_vote_is_the_mean_of_member_probabilities():
+    a = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    b = np.array([[0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+    np.testing.assert_allclose(soft_vote([a, b]), [[0.4, 0.4, 0.2], [0.2, 0.2, 0.6]])
+    # weights 3:1 -> 0.75 a + 0.25 b
+    np.testing.assert_allclose(soft_vote([a, b], [3, 1]), [[0.55, 0.3, 0.15], [0.15, 0.15, 0.7]])
+    np.testing.assert_allclose(soft_vote([a, b], [3, 1]).sum(1), 1.0)
+    np.testing.assert_array_equal(soft_vote([a]), a)
+
+
+def test_soft_vote_rejects_bad_weights():
+    a = np.full((2, 3), 1 / 3)
+    with pytest.raises(CxrError, match="weights"):
+        soft_vote([a, a], [1, -1])
+    with pytest.raises(CxrError, match="at least one member"):
+        soft_vote([])
+
+
+def test_temperature_fitted_on_validation_lowers_nll_and_matches_a_grid_search():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 400)
+    probs = synthetic_predictions(y, skill=1.5, overconfidence=4.0, rng=rng)  # overconfident
+    t = fit_temperature(probs, y)
+    assert t > 1.0  # overconfident models need softening
+    assert nll(apply_temperature(probs, t), y) < nll(probs, y)
+    # Reference: scikit-learn's log loss on a fine grid of temperatures.
+    grid = np.exp(np.linspace(-2, 3, 2001))
+    best = grid[np.argmin([log_loss(y, apply_temperature(probs, g), labels=[0, 1, 2]) for g in grid])]
+    assert t == pytest.approx(best, rel=0.01)
+    # Temperature keeps every argmax (accuracy unchanged) and rows sum to 1.
+    np.testing.assert_array_equal(apply_temperature(probs, t).argmax(1), probs.argmax(1))
+    np.testing.assert_allclose(apply_temperature(probs, t).sum(1), 1.0)
+
+
+def test_val_weights_follow_validation_accuracy(tmp_path):
+    exp = make_experiment(tmp_path)
+    members = [load_member(p) for p in sorted((exp / "predictions").glob("*.npz"))]
+    w = member_weights(members, "val")
+    accs = np.array([(m.val_probs.argmax(1) == m.val_labels).mean() for m in members])
+    np.testing.assert_allclose(w, accs / accs.sum())
+    np.testing.assert_allclose(member_weights(members, "uniform"), 0.25)
+    with pytest.raises(CxrError, match="--weights"):
+        member_weights(members, "test")
+
+
+def test_ensemble_of_one_equals_its_member(tmp_path):
+    from cxr_search.metrics import classification_metrics
+
+    exp = make_experiment(tmp_path)
+    out = build_ensemble(exp, top_k=1, source="search", calibrate=False, n_resamples=50)
+    best = out["members"][0]["trial_id"]
+    assert best == "trial_003"  # lowest val_loss (most skilful fake model)
+    with np.load(exp / "predictions" / f"{best}.npz") as z:
+        expected = classification_metrics(z["test_labels"], z["test_probs"])
+    for name, value in expected.items():
+        assert out["metrics"][name][0] == pytest.approx(value, abs=1e-9), name
+    assert out["temperature"] == 1.0
+
+
+def test_build_ensemble_writes_what_predict_needs(tmp_path):
+    exp = make_experiment(tmp_path)
+    out = build_ensemble(exp, top_k=3, source="search", weights="val", n_resamples=100)
+    saved = json.loads((exp / "ensemble" / "ensemble.json").read_text())
+    assert saved["classes"] == list(CLASSES)
+    assert [m["trial_id"] for m in saved["members"]] == ["trial_003", "trial_002", "trial_001"]
+    assert all(Path(m["checkpoint_dir"]).name == "checkpoint_best" for m in saved["members"])
+    assert sum(m["weight"] for m in saved["members"]) == pytest.approx(1.0)
+    assert saved["temperature"] == out["temperature"] > 0
+    # Intervals of the rates contain their point estimate (not asserted for ECE: small-sample biased upward).
+    for name in ("acc", "macro_f1", "auroc_macro", "normal_recall", "covid_recall_vs_pneumonia", "disease_sensitivity"):
+        point, lo, hi = saved["metrics"][name]
+        assert lo - 1e-12 <= point <= hi + 1e-12, name
+    assert saved["val_nll_after"] <= saved["val_nll_before"]
+    table = pd.read_csv(exp / "ensemble" / "metrics.csv")
+    assert {"ensemble", "ensemble_uncalibrated"} <= set(table["model"])
+    assert table.loc[table["model"].str.startswith("member:"), "model"].nunique() == 3
+    assert (exp / "ensemble" / "confusion_matrix.png").stat().st_size > 0
+    cm = np.array(saved["confusion_matrix"])
+    assert cm.sum() == saved["n_test"]
+
+
+def test_temperature_never_sees_test_data(tmp_path):
+    """Same validation data, wildly different test probabilities -> the very same temperature."""
+    rng = np.random.default_rng(5)
+
+    def scramble(i, test):
+        return rng.dirichlet(np.full(3, 0.05), size=len(test))  # near one-hot and random: bad, overconfident
+
+    a = build_ensemble(make_experiment(tmp_path / "a"), top_k=2, source="search", n_resamples=20)
+    b = build_ensemble(make_experiment(tmp_path / "b", test_override=scramble), top_k=2, source="search",
+                       n_resamples=20)
+    assert a["temperature"] == b["temperature"] != 1.0
+    assert a["metrics"]["acc"][0] != b["metrics"]["acc"][0]
+
+
+def test_members_from_different_splits_are_refused(tmp_path):
+    exp = make_experiment(tmp_path)
+    path = exp / "predictions" / "trial_002.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["test_labels"] = np.roll(arrays["test_labels"], 1)
+    np.savez(path, **arrays)
+    with pytest.raises(CxrError, match="different test sets"):
+        build_ensemble(exp, top_k=3, source="search", n_resamples=10)
+
+
+def test_missing_stage_is_a_clear_error(tmp_path):
+    exp = make_experiment(tmp_path)
+    with pytest.raises(CxrError, match="cxr-search retrain"):
+        build_ensemble(exp, top_k=2, source="retrain")
+
+
+def test_ensemble_intervals_contain_the_point_and_shrink_with_more_test_images(tmp_path):
+    widths = []
+    for n_test in (100, 1600):
+        out = build_ensemble(make_experiment(tmp_path / str(n_test), n_test=n_test), top_k=2, source="search",
+                             n_resamples=300)
+        for name in ("acc", "macro_f1", "normal_recall"):
+            point, lo, hi = out["metrics"][name]
+            assert lo <= point <= hi, name
+        widths.append(out["metrics"]["acc"][2] - out["metrics"]["acc"][1])
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 16x the images, about a quarter of the width

@@ -1,0 +1,75 @@
+"""The experiment summary: warnings first, every finished stage with intervals, study figures beside ours."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from test_ensemble import make_experiment
+
+from cxr_search import report, retrain
+from cxr_search.ensemble import build_ensemble
+from cxr_search.metrics import bootstrap_ci
+
+WARNING = "12 test images duplicate training images (dropped)"
+
+
+def _with_data_report(exp, warnings):
+    (exp / "data_report.json").write_text(json.dumps({"warnings": warnings}))
+    return exp
+
+
+def test_search_only_summary_has_warnings_first_and_intervals(tmp_path):
+    exp = _with_data_report(make_experiment(tmp_path), [WARNING])
+    path = report.write_summary(exp)
+    text = path.read_text()
+    assert path == exp / "summary.md"
+    assert text.index(WARNING) < text.index("## Search")
+    assert "Retraining" not in text and "ensemble" not in text.lower()
+    # The best trial's test accuracy is shown with the same bootstrap interval metrics.py gives.
+    with np.load(exp / "predictions" / "trial_003.npz") as z:
+        point, lo, hi = bootstrap_ci(z["test_labels"], z["test_probs"], n_resamples=1000, metrics=["acc"])["acc"]
+    assert report.fmt_ci(point, lo, hi) in text
+    rows = [line for line in text.splitlines() if line.startswith("| trial_")]
+    assert [r.split("|")[1].strip() for r in rows] == ["trial_003", "trial_002", "trial_001", "trial_000"]
+
+
+def test_study_figures_sit_beside_the_matching_variant(tmp_path):
+    exp = make_experiment(tmp_path, n_trials=2)
+    df = pd.read_parquet(exp / "results.parquet")
+    df["backbone"] = "inception_v3"
+    df["variant"] = ["variant_7", "sgd_baseline"]
+    df.to_parquet(exp / "results.parquet")
+    study = pd.read_csv(report.paths.reference_dir() / "study_inception_finetuning.csv", dtype={"variant": str})
+    text = report.build_summary(exp, n_resamples=50)
+    for variant, label in (("7", "variant_7"), ("sgd_baseline", "sgd_baseline")):
+        row = next(line for line in text.splitlines() if f"| {label} |" in line)
+        expected = study.loc[study["variant"] == variant, "test_acc"].item()
+        assert f"{expected:.4f}" in row
+
+
+def test_full_summary_has_every_stage(tmp_path):
+    exp = _with_data_report(make_experiment(tmp_path), [])
+    build_ensemble(exp, top_k=3, source="search", n_resamples=100)
+    rng = np.random.default_rng(0)
+    seeds = pd.DataFrame({"config_key": "abc", "rank": 1, "source_trial_id": "trial_003", "seed": range(5),
+                          "test_acc": rng.uniform(0.9, 1, 5), "test_macro_f1": rng.uniform(0.9, 1, 5)})
+    retrain.write_outputs(exp / "retrain", seeds)
+    text = report.build_summary(exp, n_resamples=50)
+    assert "Data integrity: no warnings." in text
+    for section in ("## Search", "## Retraining over seeds", "## Soft-voting ensemble"):
+        assert section in text
+    assert "0.9756" in text  # the study's ensemble accuracy, beside ours
+    assert "0.9668" in text  # the study's mean over 50 runs
+    assert f"{seeds['test_acc'].mean():.4f}" in text
+    console = Console(record=True, width=200)
+    report.print_summary(exp, console)
+    assert "Soft-voting ensemble" in console.export_text()
+
+
+def test_empty_experiment_is_reported_not_a_crash(tmp_path):
+    text = report.build_summary(tmp_path)
+    assert "run a search first" in text
+    assert "data integrity unknown" in text

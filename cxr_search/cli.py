@@ -21,7 +21,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Generate, check and inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
+# Logs and pipes get 160 columns (rich would wrap the study tables at 80); a terminal keeps its own width.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @data_app.command("synth")
@@ -78,6 +79,7 @@ def run(
     stages: str = typer.Option("search,retrain,ensemble", "--stages", help="Stages to run, comma-separated."),
     top_k: int = typer.Option(None, "--top-k", help="Configurations to retrain / ensemble members."),
     seeds: int = typer.Option(None, "--seeds", help="Seeds per retrained configuration."),
+    resplit: bool = typer.Option(False, "--resplit", help="Pool train and test, re-split train/val/test by patient."),
 ) -> None:
     """Search a space with Ray Tune (Optuna + ASHA), then retrain the best, ensemble and summarise."""
     from cxr_search.search.pipeline import run_pipeline
@@ -85,7 +87,7 @@ def run(
     run_pipeline(space, data_dir=data, name=name, num_samples=num_samples, max_epochs=max_epochs, smoke=smoke,
                  address=address, storage=storage, gpus_per_trial=gpus_per_trial, seed=seed,
                  stages=tuple(s.strip() for s in stages.split(",") if s.strip()), top_k=top_k, seeds=seeds,
-                 console=console)
+                 resplit=resplit, console=console)
 
 
 @app.command("resume")
@@ -160,8 +162,9 @@ def train(
     pretrained: str = typer.Option("none", "--pretrained", help="none, a local weights file/folder, or a timm tag."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, batches and augmentation."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    out: Path = typer.Option(None, "--out", help="Checkpoint folder (default experiments/train-<backbone>-<time>)."),
+    out: Path = typer.Option(None, "--out", help="Checkpoint folder (default $CXR_SEARCH_EXPERIMENTS or experiments/, train-<backbone>-<time>)."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny phantom set, 64 px, 2 epochs: runs in seconds on a CPU."),
+    resplit: bool = typer.Option(False, "--resplit", help="Pool train and test, re-split train/val/test by patient."),
 ) -> None:
     """Train one model without Ray, then print the study's summary columns and save the checkpoint."""
     import json
@@ -169,7 +172,7 @@ def train(
 
     from rich.table import Table
 
-    from cxr_search import engine
+    from cxr_search import engine, paths
     from cxr_search.config import TrialConfig
     from cxr_search.data import phantoms
     from cxr_search.data.prepare import prepare
@@ -181,8 +184,8 @@ def train(
              seed=seed, device=device), source="cxr-search train")
     if data is None and smoke:
         data = phantoms.default_dataset(n_images=300, size=96)  # generated once into the cache
-    prepared = prepare(data, size=size, progress=True)
-    out = out or Path("experiments") / f"train-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    prepared = prepare(data, size=size, resplit=resplit, progress=True)
+    out = out or paths.experiments_root() / f"train-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
     result = engine.fit(cfg, prepared, report=lambda metrics, write_checkpoint: write_checkpoint(out), progress=True)
     elapsed = time.perf_counter() - start

@@ -16,6 +16,11 @@ def cache_root() -> Path:
     return root
 
 
+def experiments_root() -> Path:
+    """Where experiments go without --storage/--out: ``$CXR_SEARCH_EXPERIMENTS`` or ``./experiments``."""
+    return Path(os.environ.get("CXR_SEARCH_EXPERIMENTS", "experiments"))
+
+
 def repo_root() -> Path:
     """The source checkout (the project is installed editable; search spaces live beside the package)."""
     return Path(__file__).resolve().parent.parent

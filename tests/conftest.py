@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from cxr_search.data import phantoms
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_and_experiments(tmp_path_factory):
+    """No test reads or writes the user's cache (~/.cache/cxr-search) or ./experiments."""
+    root = tmp_path_factory.mktemp("user")
+    saved = {k: os.environ.get(k) for k in ("CXR_SEARCH_CACHE", "CXR_SEARCH_EXPERIMENTS")}
+    os.environ["CXR_SEARCH_CACHE"] = str(root / "cache")
+    os.environ["CXR_SEARCH_EXPERIMENTS"] = str(root / "experiments")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

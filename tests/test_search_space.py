@@ -101,6 +101,9 @@ def test_domains_translate_to_tune(tmp_path):
         ("resources: {cpu: 1, gpu: auto}", "resources: {cpu: 1, gpu: lots}", ["resources.gpu", "'auto'"]),
         ("batch_size: {randint: [8, 32]}", "batch_size: {grid: [8, 32]}", ["searcher: grid"]),
         ("trial: {backbone: cnn3, max_epochs: 4}", "trial: {backbone: resnet43, max_epochs: 4}", ["resnet34"]),
+        ("equalize: hist,", "equalize: histogram,", ["data.equalize", "hist, clahe, none"]),
+        ("equalize: hist,", "equalize: hist, duplicate_policy: dorp,", ["data.duplicate_policy", "drop, keep"]),
+        ("equalize: hist,", "equalize: hist, resplit: maybe,", ["data.resplit must be bool"]),
     ],
 )
 def test_mistakes_name_the_file_the_key_and_the_fix(tmp_path, old, new, expected):
@@ -138,3 +141,13 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert str(path) in err and "adamm" in err and "'adam'" in err
     assert not (tmp_path / "exps").exists()
+
+
+def test_resplit_and_duplicate_policy_reach_the_data_plan(tmp_path):
+    from cxr_search.search.pipeline import plan_run
+
+    path = _write(tmp_path, GOOD.replace("equalize: hist,", "equalize: hist, duplicate_policy: keep,"))
+    _, plan, _ = plan_run(path, resplit=True, num_samples=1)
+    assert plan["data"]["resplit"] is True and plan["data"]["duplicate_policy"] == "keep"
+    _, plan, _ = plan_run(path, num_samples=1)
+    assert plan["data"]["resplit"] is False

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from cxr_search import paths
 from cxr_search.errors import CxrError
 from cxr_search.search import results
 from cxr_search.search.space import SearchSpec, load_space, parse_space
@@ -27,11 +28,6 @@ PIPELINE_FILE = "pipeline.json"
 # The --smoke size: seconds per trial on a laptop CPU (80 px: inception_v3 needs >= 75).
 SMOKE = {"n_images": 120, "size": 80, "num_samples": 4, "max_epochs": 2, "grace_period": 1,
          "max_concurrent_trials": 2, "top_k": 1, "seeds": 2, "retrain_max_epochs": 1}
-
-
-def default_root() -> Path:
-    """Where experiments go without --storage: `$CXR_SEARCH_EXPERIMENTS` or `./experiments`."""
-    return Path(os.environ.get("CXR_SEARCH_EXPERIMENTS", "experiments"))
 
 
 def plan_run(
@@ -46,6 +42,7 @@ def plan_run(
     seed: int | None = None,
     top_k: int | None = None,
     seeds: int | None = None,
+    resplit: bool = False,
 ) -> tuple[SearchSpec, dict[str, Any], list[str]]:
     """Load and validate the space and decide the budget (no Ray, no data yet).
 
@@ -61,14 +58,19 @@ def plan_run(
     budget: dict[str, Any] = {}
     if smoke:
         budget = {**SMOKE, **{k: v for k, v in spec.cpu_budget.items() if k in ("params", "trial")}}
-        notes.append("smoke size: a few tiny trials to check the pipeline end to end (numbers mean nothing)")
     elif not gpu_available and num_samples is None and max_epochs is None:
         budget = dict(spec.cpu_budget)
-        if budget:
-            notes.append(
-                "no GPU found: CPU budget from the file's cpu_budget ("
-                + ", ".join(f"{k}={budget[k]}" for k in ("n_images", "size", "num_samples", "max_epochs") if k in budget)
-                + "); pass --num-samples/--max-epochs for a full search")
+    # The study retrained its best configuration 50 times; a budget scales this down (and says so).
+    top_k = top_k if top_k is not None else budget.get("top_k", 1)
+    seeds = seeds if seeds is not None else budget.get("seeds", 50)
+    if smoke:
+        notes.append("smoke size: a few tiny trials to check the pipeline end to end (numbers mean nothing)")
+    elif budget:
+        notes.append(
+            "no GPU found: CPU budget from the file's cpu_budget ("
+            + ", ".join(f"{k}={budget[k]}" for k in ("n_images", "size", "num_samples", "max_epochs") if k in budget)
+            + f"; retrain top {top_k} x {seeds} seeds, the study used 50)"
+            + "; pass --num-samples/--max-epochs (and --seeds) for a full search")
     _apply_budget(raw, budget, data_dir is None)
     if num_samples is not None:
         raw["num_samples"] = num_samples
@@ -84,10 +86,10 @@ def plan_run(
         "space": str(spec.source),
         "name": name or f"{spec.name}-{stamp}",
         "data_dir": str(data_dir) if data_dir is not None else None,
-        "data": {"size": 128, "equalize": "hist", "val_fraction": 0.2, "seed": 0, **effective.data},
-        # The study retrained its best configuration 50 times; a CPU budget scales this down (and says so).
-        "top_k": top_k if top_k is not None else budget.get("top_k", 1),
-        "seeds": seeds if seeds is not None else budget.get("seeds", 50),
+        "data": {"size": 128, "equalize": "hist", "val_fraction": 0.2, "seed": 0, "resplit": False,
+                 "duplicate_policy": "drop", **effective.data, **({"resplit": True} if resplit else {})},
+        "top_k": top_k,
+        "seeds": seeds,
         "retrain_max_epochs": budget.get("retrain_max_epochs"),
         "budget": "smoke" if smoke else ("cpu" if budget else "full"),
         "completed": [],
@@ -151,7 +153,8 @@ def prepare_data(plan: dict[str, Any], *, progress: bool = True) -> Any:
         n = d.get("n_images", 6432)
         data_dir = phantoms.default_dataset(n_images=n, size=128 if d["size"] <= 128 else 256, seed=0)
     return prepare(data_dir, size=d["size"], equalize=d["equalize"], val_fraction=d["val_fraction"],
-                   seed=d["seed"], progress=progress)
+                   seed=d["seed"], resplit=d.get("resplit", False),
+                   duplicate_policy=d.get("duplicate_policy", "drop"), progress=progress)
 
 
 def environment(ray_resources: dict[str, float] | None = None) -> dict[str, Any]:
@@ -190,6 +193,7 @@ def run_pipeline(
     top_k: int | None = None,
     seeds: int | None = None,
     num_cpus: int | None = None,
+    resplit: bool = False,
     console: Console | None = None,
 ) -> Path:
     """Plan, then run every requested stage; returns the experiment folder.
@@ -207,6 +211,7 @@ def run_pipeline(
         stages: subset of `search`, `retrain`, `ensemble`.
         top_k, seeds: retrain/ensemble sizes.
         num_cpus: CPUs of the local Ray (None: all).
+        resplit: pool the data's train and test and re-split train/val/test by patient.
         console: where to print.
     """
     console = console or Console()
@@ -217,7 +222,8 @@ def run_pipeline(
 
     gpu = torch.cuda.is_available() or address is not None
     spec, plan, notes = plan_run(space, data_dir=data_dir, name=name, num_samples=num_samples, max_epochs=max_epochs,
-                                 smoke=smoke, gpu_available=gpu, seed=seed, top_k=top_k, seeds=seeds)
+                                 smoke=smoke, gpu_available=gpu, seed=seed, top_k=top_k, seeds=seeds,
+                                 resplit=resplit)
     if gpus_per_trial is not None:
         spec = spec.replace(gpus_per_trial=_gpu_option(gpus_per_trial))
     plan.update(stages=list(stages), address=address, storage=storage, gpus_per_trial=spec.gpus_per_trial,
@@ -265,8 +271,8 @@ def _gpu_option(value: str) -> str | float:
 def _experiment_dir(storage: str | None, name: str) -> Path:
     if storage and "://" in storage:
         # Ray's trial folders go to remote storage; our tables, predictions and journal stay local.
-        return default_root().resolve() / name
-    return (Path(storage) if storage else default_root()).resolve() / name
+        return paths.experiments_root().resolve() / name
+    return (Path(storage) if storage else paths.experiments_root()).resolve() / name
 
 
 def _save_plan(exp_dir: Path, plan: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ TOP_KEYS = (
     "name", "description", "metric", "mode", "searcher", "scheduler", "num_samples", "max_concurrent_trials",
     "resources", "checkpoint_every", "max_failures", "data", "trial", "params", "variants", "cpu_budget",
 )
-DATA_KEYS = ("size", "equalize", "val_fraction", "n_images", "seed")
+DATA_KEYS = ("size", "equalize", "val_fraction", "n_images", "seed", "resplit", "duplicate_policy")
 CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_epochs", "grace_period", "max_concurrent_trials",
                    "top_k", "seeds", "retrain_max_epochs", "params", "trial")
 
@@ -262,9 +262,13 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
     data = raw.get("data", {}) or {}
     _require_mapping(data, "data", src)
     _check_keys(data, DATA_KEYS, src, "data")
-    for key, kind_ in (("size", int), ("n_images", int), ("seed", int), ("val_fraction", float), ("equalize", str)):
+    for key, kind_ in (("size", int), ("n_images", int), ("seed", int), ("val_fraction", float), ("equalize", str),
+                       ("resplit", bool), ("duplicate_policy", str)):
         if key in data:
             data = {**data, key: _get(data, key, kind_, src, None, "data")}
+    for key, allowed in (("equalize", ("hist", "clahe", "none")), ("duplicate_policy", ("drop", "keep"))):
+        if key in data and data[key] not in allowed:
+            raise CxrError(f"{src}: data.{key} is '{data[key]}'; allowed: {', '.join(allowed)}.")
     if "val_fraction" in data and not 0 < data["val_fraction"] < 1:
         raise CxrError(f"{src}: data.val_fraction must be in (0, 1), got {data['val_fraction']}.")
 

@@ -36,6 +36,9 @@ PIXEL_STD = 0.289
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
+# The metrics of every epoch so far, readable without torch. Ray may drop result.json lines when it restarts
+# a failed trial (it restores the file from the last storage sync), so this copy is the complete record.
+HISTORY_FILE = "history.json"
 
 ReportFn = Callable[[dict[str, Any], Callable[[Path], None]], None]
 
@@ -510,6 +513,7 @@ def _checkpoint_writer(
         folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
         _atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(cfg.to_json()))
+        _atomic_write(folder / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history)))
 
     return write_checkpoint
 

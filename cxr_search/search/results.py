@@ -49,8 +49,13 @@ def latest_checkpoint(trial_path: Path) -> Path | None:
 
 
 def read_history(trial_path: Path) -> pd.DataFrame:
-    """Per-epoch results of a trial; an epoch reported twice (retried after a crash) keeps its last report."""
-    rows = []
+    """Per-epoch results of a trial; an epoch reported twice (retried after a crash) keeps its last report.
+
+    Tune's `result.json` can lose the lines before a restart (Ray restores it from the last storage sync when it
+    retries a failed trial), so epochs missing there are taken from the latest checkpoint's `history.json`,
+    the engine's own complete record.
+    """
+    rows = _checkpoint_history(trial_path)
     result = Path(trial_path) / "result.json"
     if result.exists():
         for line in result.read_text().splitlines():
@@ -64,6 +69,17 @@ def read_history(trial_path: Path) -> pd.DataFrame:
     if "epoch" in df:
         df = df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
     return df
+
+
+def _checkpoint_history(trial_path: Path) -> list[dict[str, Any]]:
+    ckpt = latest_checkpoint(trial_path)
+    history = ckpt / "history.json" if ckpt else None
+    if history is None or not history.exists():
+        return []
+    try:
+        return [row for row in json.loads(history.read_text()) if isinstance(row, dict)]
+    except json.JSONDecodeError:
+        return []
 
 
 def stage_objective(stage_dir: Path) -> tuple[str, str]:

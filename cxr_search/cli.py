@@ -131,7 +131,9 @@ def retrain(
 def ensemble(
     exp: Path = typer.Argument(..., help="Experiment folder."),
     top: int = typer.Option(3, "--top", help="Members: the best models by validation metric."),
-    source: str = typer.Option(None, "--from", help="search | retrain (default: retrain if it ran, else search)."),
+    source: str = typer.Option(
+        "search", "--from", help="search (top distinct trials, as the study and `run` do) | retrain (a seed ensemble)."
+    ),
     weights: str = typer.Option("uniform", "--weights", help="uniform | val (by validation accuracy)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Temperature scaling on validation."),
 ) -> None:
@@ -139,8 +141,6 @@ def ensemble(
     from cxr_search import report
     from cxr_search.ensemble import build_ensemble
 
-    if source is None:
-        source = "retrain" if (exp / "retrain" / "results.parquet").is_file() else "search"
     build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)
     report.write_summary(exp)
     report.print_markdown(report.ensemble_section(exp), console)

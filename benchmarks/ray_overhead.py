@@ -1,8 +1,7 @@
 """Ray Tune's overhead on a CPU search: wall time / (sum of trial times / concurrency). Not a test.
 
 A ratio of 1.0 means Tune adds nothing beyond the trials themselves; the target is <= 1.2 for trials of a
-few seconds. Trial time is Tune's `time_total_s` of each trial (from its first to its last report, i.e.
-model build + epochs + evaluation); the search wall time also pays for trial process start-up, scheduling,
+few seconds. Trial time is the sum of each trial's epoch times (training and validation); the search wall time also pays for trial process start-up, scheduling,
 checkpoint syncing and experiment snapshots. Run both actor modes: reused processes (our CPU default) and a
 fresh process per trial (our GPU default, so a stopped trial's GPU memory is freed).
 
@@ -21,23 +20,21 @@ from pathlib import Path
 
 import ray
 
-from cxr_search.search import results
+from cxr_search import experiment
 from cxr_search.search import tune as stage
-from cxr_search.search.pipeline import prepare_data
 
 
 def measure(data, trials: int, epochs: int, concurrency: int, reuse: bool, root: Path) -> dict:
-    from ray import tune
-
     exp = root / f"overhead-reuse{int(reuse)}"
     shutil.rmtree(exp, ignore_errors=True)
-    space = {"backbone": "cnn3", "max_epochs": epochs, "patience": epochs, "device": "cpu", "batch_size": 32,
-             "lr": tune.grid_search([1e-3 * (i + 1) for i in range(trials)])}
+    runs = {stage.trial_key(i): {"backbone": "cnn3", "max_epochs": epochs, "patience": epochs, "device": "cpu",
+                                 "batch_size": 32, "lr": 1e-3 * (i + 1)} for i in range(trials)}
+    options = stage.StageOptions(objective=experiment.Objective(), resources=stage.TrialResources(1, 0),
+                                 max_concurrent_trials=concurrency, verbose=0, reuse_actors=reuse)
     t0 = time.perf_counter()
-    stage.run_stage(exp, space, data, max_concurrent_trials=concurrency, resources={"cpu": 1}, verbose=0,
-                    reuse_actors=reuse)
+    stage.run_planned_stage(exp, runs, data, options)
     wall = time.perf_counter() - t0
-    df = results.build(exp)
+    df = experiment.build_results(exp, experiment.Objective())
     trial_sum = float(df["wall_time_s"].sum())
     return {"reuse_actors": reuse, "trials": trials, "epochs": epochs, "concurrency": concurrency,
             "wall_s": round(wall, 2), "sum_trial_s": round(trial_sum, 2),
@@ -55,8 +52,7 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.trials, args.epochs = 4, 2
-    data = prepare_data({"data_dir": None, "data": {"size": args.size, "n_images": args.n_images, "equalize": "hist",
-                                                    "val_fraction": 0.2, "seed": 0}}, progress=False)
+    data = experiment.DataConfig(n_images=args.n_images, size=args.size).prepare(progress=False)
     stage.init_ray(num_cpus=args.concurrency)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:

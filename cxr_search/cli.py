@@ -104,7 +104,7 @@ def resume(
 @app.command("status")
 def status(exp: Path = typer.Argument(..., help="Experiment folder.")) -> None:
     """Trials of an experiment, read from its folder (no Ray needed; works while a search runs)."""
-    from cxr_search.search.pipeline import print_status
+    from cxr_search.report import print_status
 
     print_status(exp, console)
 
@@ -166,50 +166,36 @@ def train(
     smoke: bool = typer.Option(False, "--smoke", help="Tiny phantom set, 64 px, 2 epochs: runs in seconds on a CPU."),
     resplit: bool = typer.Option(False, "--resplit", help="Pool train and test, re-split train/val/test by patient."),
 ) -> None:
-    """Train one model without Ray, then print the study's summary columns and save the checkpoint."""
-    import json
-    import time
-
-    from rich.table import Table
-
-    from cxr_search import engine, paths
+    """Train one model without Ray, then print the study's summary columns and save the model folder."""
+    from cxr_search import train as single
     from cxr_search.config import TrialConfig
-    from cxr_search.data import phantoms
-    from cxr_search.data.prepare import prepare
 
-    size = size or (64 if smoke else 128)
     cfg = TrialConfig.from_dict(
-        dict(backbone=backbone, max_epochs=epochs or (2 if smoke else 100), batch_size=batch_size, optimizer=optimizer,
-             lr=lr, freeze_fraction=freeze_fraction, head=head, regularizer=regularizer, pretrained=pretrained,
-             seed=seed, device=device), source="cxr-search train")
-    if data is None and smoke:
-        data = phantoms.default_dataset(n_images=300, size=96)  # generated once into the cache
-    prepared = prepare(data, size=size, resplit=resplit, progress=True)
-    out = out or paths.experiments_root() / f"train-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-    start = time.perf_counter()
-    result = engine.fit(cfg, prepared, report=lambda metrics, write_checkpoint: write_checkpoint(out), progress=True)
-    elapsed = time.perf_counter() - start
-    best = result.history[result.best_epoch - 1]
-    (out / "result.json").write_text(json.dumps(
-        {"history": result.history, "best_epoch": result.best_epoch, "best_val": result.best_val,
-         "test": result.test, "stop_reason": result.stop_reason, "time_s": elapsed}, indent=2))
-    table = Table(title=f"{backbone}: best epoch {result.best_epoch} of {len(result.history)} ({result.stop_reason})",
-                  caption="recalls on test; covid = covid_recall_vs_pneumonia; gap = train acc - val acc")
-    columns = {"train acc": best["train_acc"], "val acc": best["val_acc"], "test acc": result.test["acc"],
-               "normal": result.test["normal_recall"], "covid": result.test["covid_recall_vs_pneumonia"],
-               "gap": best["train_acc"] - best["val_acc"], "time s": elapsed}
-    for name in columns:
-        table.add_column(name, justify="right")
-    table.add_row(*(f"{v:.0f}" if k == "time s" else f"{v:.4f}" for k, v in columns.items()))
-    console.print(table)
-    console.print(f"checkpoint: {out} (state.pt, config.json, result.json)")
+        dict(backbone=backbone, max_epochs=epochs or (single.SMOKE_EPOCHS if smoke else 100), batch_size=batch_size,
+             optimizer=optimizer, lr=lr, freeze_fraction=freeze_fraction, head=head, regularizer=regularizer,
+             pretrained=pretrained, seed=seed, device=device), source="cxr-search train")
+    run = single.train_model(cfg, data_dir=data, size=size or (single.SMOKE_SIZE if smoke else 128), resplit=resplit,
+                             out=out, smoke=smoke)
+    single.print_run(run, console)
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Console entry point: user errors become one line on stderr and exit code 2, never a traceback.
+
+    SIGINT (Ctrl-C) and SIGTERM stop a running stage cleanly: its state is saved, nothing is marked complete
+    that is not, and the process exits 130 / 143 with the command that continues it.
+    """
+    from cxr_search.interrupt import StageInterrupted, interruptible
+
     command = typer.main.get_command(app)
     try:
-        rc = command.main(args=sys.argv[1:], prog_name="cxr-search", standalone_mode=False)
+        with interruptible():
+            rc = command.main(args=sys.argv[1:], prog_name="cxr-search", standalone_mode=False)
+    except StageInterrupted as e:
+        hint = f"; continue with `cxr-search resume {e.experiment}`" if e.experiment else ""
+        Console(stderr=True).print(f"stopped by {e}: the finished work is saved{hint}", highlight=False,
+                                   soft_wrap=True)
+        sys.exit(128 + e.signum)
     except CxrError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

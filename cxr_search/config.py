@@ -66,7 +66,6 @@ class TrialConfig:
     deterministic: bool = False  # deterministic algorithms (CPU reproducibility tests)
     device: str = "auto"
     eval_batch_size: int = 256
-    fail_at_epoch: int = 0  # test-only fault injection: raise once at this epoch (0 = never)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -120,7 +119,7 @@ class TrialConfig:
         for key in ("batch_size", "max_epochs", "dense_units", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise CxrError(f"'{key}' must be >= 1, got {getattr(self, key)}.")
-        for key in ("patience", "seed", "fail_at_epoch"):
+        for key in ("patience", "seed"):
             if getattr(self, key) < 0:
                 raise CxrError(f"'{key}' must be >= 0, got {getattr(self, key)}.")
         if self.in_chans not in (1, 3):

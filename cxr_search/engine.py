@@ -14,8 +14,10 @@ import json
 import math
 import os
 import random
+import re
+import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr_search import storage
 from cxr_search.config import TrialConfig
 from cxr_search.data.augment import augment_batch
 from cxr_search.data.balance import class_weights, oversample_indices
@@ -34,13 +37,8 @@ from cxr_search.errors import CxrError
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.289
 
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.json"
-# The metrics of every epoch so far, readable without torch. Ray may drop result.json lines when it restarts
-# a failed trial (it restores the file from the last storage sync), so this copy is the complete record.
-HISTORY_FILE = "history.json"
-
-ReportFn = Callable[[dict[str, Any], Callable[[Path], None]], None]
+# report(metrics of the epoch, the whole history so far), called once per epoch after the epoch is on disk
+ReportFn = Callable[[dict[str, Any], list[dict[str, Any]]], None]
 
 
 # ---------------------------------------------------------------- optimizers: described as data, one factory
@@ -300,30 +298,37 @@ class FitResult:
 
 @dataclass
 class _EarlyStopping:
-    """Keras EarlyStopping on val_loss (min_delta 0), also keeping the best weights and val probabilities."""
+    """Keras EarlyStopping on val_loss (min_delta 0), also keeping the best weights (as they are saved)."""
 
     patience: int
     best_loss: float = math.inf
     best_epoch: int = 0
     wait: int = 0  # epochs since the last improvement
     best_weights: dict[str, torch.Tensor] | None = None  # on the CPU
-    best_val_probs: torch.Tensor | None = None
     best_val_metrics: dict[str, float] = field(default_factory=dict)
 
     def update(self, epoch: int, val: Evaluation, model: torch.nn.Module) -> bool:
         """Record one epoch's validation; True when training should stop."""
         if val.loss < self.best_loss:
             self.best_loss, self.best_epoch, self.wait = val.loss, epoch, 0
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.best_val_probs = torch.from_numpy(val.probs.copy())
+            self.best_weights = {k: _storable(v) for k, v in model.state_dict().items()}
             self.best_val_metrics = dict(val.metrics)
             return False
         self.wait += 1
         return self.wait >= self.patience
 
-    def state_dict(self) -> dict[str, Any]:
-        keys = ("best_loss", "best_epoch", "wait", "best_weights", "best_val_probs", "best_val_metrics")
+    def scalars(self) -> dict[str, Any]:  # noqa: D102
+        """Everything but the weights (they live in their own file, see the checkpoint format)."""
+        keys = ("best_loss", "best_epoch", "wait", "best_val_metrics")
         return {k: getattr(self, k) for k in keys}
+
+
+def _storable(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a weight as it is kept and saved: float32 as float16, which halves every best-weights file
+    (InceptionV3: 87 -> 44 MB) and moves a probability by less than ~1e-3; the test and validation figures of
+    a run are computed with these rounded weights, so every number describes the model that is saved."""
+    out = tensor.detach().to("cpu", copy=True)
+    return out.half() if out.dtype == torch.float32 else out
 
 
 def fit(
@@ -331,27 +336,39 @@ def fit(
     data: PreparedData,
     *,
     report: ReportFn | None = None,
-    resume_from: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_every_s: float | None = None,
+    faults: Sequence[Fault] = (),
     progress: bool = False,
 ) -> FitResult:
     """Train ``cfg.backbone`` on ``data.train``, early-stop on ``data.val``, test once on ``data.test``.
 
+    With a ``checkpoint_dir`` the run is crash-safe and resumable: the folder holds the model folder format
+    (module docstring of the checkpoint section); if it already holds a run of this config, training continues
+    after its last checkpoint (or, if that run finished, nothing is trained again).
+
     Args:
         cfg: the trial config.
         data: prepared train/val/test arrays.
-        report: called once per epoch as ``report(metrics, write_checkpoint)``; ``write_checkpoint(folder)``
-            writes this epoch's checkpoint (``state.pt`` + ``config.json``) into ``folder``.
-        resume_from: a checkpoint folder written by ``write_checkpoint``; training continues after its epoch.
+        report: called once per epoch, after the epoch is on disk, as ``report(metrics, history)``.
+        checkpoint_dir: the model folder to write (and resume from); None keeps everything in memory.
+        checkpoint_every: epochs between resume checkpoints (the last epoch always writes one).
+        checkpoint_every_s: also wait this many seconds between resume checkpoints; None = automatic
+            (writing costs at most ~10% of the time: 9x the duration of the last write).
+        faults: test-only fault injection (`faults_from_env`); never part of a user's config.
         progress: show a rich progress bar (one line per run, updated each epoch).
 
     Returns:
         FitResult with per-epoch history and test metrics on the best-validation weights.
     """
     device = resolve_device(cfg.device)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     with _backend_settings(cfg, device):
         _seed_everything(cfg.seed)
+        saved = read_resume_state(folder) if folder is not None else None
         # resuming overwrites every weight, so pretrained weights are loaded only on a fresh start
-        build_cfg = cfg.replace(pretrained="none") if resume_from is not None else cfg
+        build_cfg = cfg.replace(pretrained="none") if saved is not None else cfg
         model = model_from_config(build_cfg, num_classes=len(data.classes))
         model = model.to(device, memory_format=torch.channels_last)
         rt = Runtime.for_model(model, cfg, device)
@@ -360,8 +377,14 @@ def fit(
         early = _EarlyStopping(cfg.patience)
         history: list[dict[str, Any]] = []
         stop_reason = ""
-        if resume_from is not None:
-            history, stop_reason = _restore(Path(resume_from), model, optimizer, scheduler, early)
+        writer = None
+        if folder is not None:
+            writer = _CheckpointWriter(folder, cfg, len(data.classes), checkpoint_every, checkpoint_every_s)
+            if saved is None:
+                writer.start_fresh()
+            else:
+                history, stop_reason = _restore(saved, folder, model, optimizer, scheduler, early)
+                writer.resumed(len(history))
 
         train, val = DeviceSplit(data.train, device), DeviceSplit(data.val, device)
         class_weight = None
@@ -373,12 +396,11 @@ def fit(
             for epoch in range(len(history) + 1, cfg.max_epochs + 1):
                 if stop_reason:
                     break
-                if epoch == cfg.fail_at_epoch and resume_from is None:
-                    raise RuntimeError(f"fault injected at epoch {epoch} (fail_at_epoch={cfg.fail_at_epoch})")
                 lr = optimizer.param_groups[0]["lr"]
                 t0 = time.perf_counter()
+                fire = _armed_faults(faults, cfg, epoch, folder)
                 train_loss, train_acc, n_seen = _train_epoch(
-                    model, optimizer, train, epoch, rt, cfg, class_weight
+                    model, optimizer, train, epoch, rt, cfg, class_weight, after_first_batch=fire
                 )
                 train_s = time.perf_counter() - t0
                 if scheduler is not None:
@@ -403,21 +425,10 @@ def fit(
                     "lr": lr,
                 }
                 history.append(metrics)
+                if writer is not None:
+                    writer.epoch_done(metrics, model, optimizer, scheduler, early, history, stop_reason)
                 if report is not None:
-                    report(
-                        dict(metrics),
-                        _checkpoint_writer(
-                            cfg,
-                            len(data.classes),
-                            epoch,
-                            model,
-                            optimizer,
-                            scheduler,
-                            early,
-                            history,
-                            stop_reason,
-                        ),
-                    )
+                    report(dict(metrics), list(history))
                 bar.advance(metrics)
 
         return _finish(cfg, data, model, rt, early, history, stop_reason)
@@ -431,6 +442,7 @@ def _train_epoch(
     rt: Runtime,
     cfg: TrialConfig,
     class_weight: torch.Tensor | None,
+    after_first_batch: Callable[[], None] | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the (oversampled, shuffled) training set; returns (mean loss, accuracy, images seen)."""
     # The epoch's order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -453,6 +465,9 @@ def _train_epoch(
         loss_sum += loss * len(idx)
         correct += n_correct
         n_seen += len(idx)
+        if after_first_batch is not None:
+            after_first_batch()  # test-only fault injection: fails the epoch in its middle
+            after_first_batch = None
     _synchronize(rt.device)
     return float(loss_sum) / max(n_seen, 1), float(correct) / max(n_seen, 1), n_seen
 
@@ -466,106 +481,311 @@ def _finish(
     history: list[dict[str, Any]],
     stop_reason: str,
 ) -> FitResult:
-    """Load the best-validation weights and compute the test metrics once."""
+    """Load the best-validation weights (as saved) and compute the test metrics once."""
     if early.best_weights is not None:
         model.load_state_dict(early.best_weights)
     test = _evaluate_resident(model, DeviceSplit(data.test, rt.device), rt, cfg)
-    val_probs = (
-        early.best_val_probs.numpy() if early.best_val_probs is not None else np.zeros((0, 3), np.float32)
-    )
+    val_probs = _evaluate_resident(model, DeviceSplit(data.val, rt.device), rt, cfg).probs
     best_val = {**early.best_val_metrics, "loss": float(early.best_loss)}
     return FitResult(
         history, early.best_epoch, best_val, test.metrics, stop_reason or "max_epochs", val_probs, test.probs
     )
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- the model folder (checkpoints)
+#
+# One folder per training run (a search trial's folder, `cxr-search train --out`), written so that a kill at
+# any line leaves a resumable, consistent folder:
+#   config.json        the TrialConfig (written once, at the start)
+#   best-eNNNN.pt      best-validation weights of epoch NNNN, written when validation improves (before the
+#                      epoch is reported), never overwritten; at most the one the resume state names and a newer one
+#   resume.pt          everything to continue exactly (model, optimizer, scheduler, RNGs, early stopping,
+#                      history, the best file's name), replaced atomically by time/epoch; when the run ends it is
+#                      replaced by a lean one (no model or optimizer state: a finished run keeps its best weights only)
+#   history.jsonl      one JSON line per epoch, appended after resume.pt and before the epoch is reported: the
+#                      complete record even for epochs after the last resume state (a trial ASHA stopped)
+# Order per epoch: best file -> resume.pt (when due) -> history line -> report. A resume discards what came
+# after its resume.pt (best files of later epochs, later history lines), so every file agrees with the state.
+# Everything is saved with torch.save of tensors/dicts/lists/numbers only (loadable with weights_only=True).
+
+RESUME_FILE = "resume.pt"
+HISTORY_FILE = "history.jsonl"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 2
+_BEST_FILE = re.compile(r"^best-e(\d{4,})\.pt$")
+_AUTO_CHECKPOINT_FACTOR = 9  # auto period = 9x the last write: writing costs at most ~10% of the run
 
 
-def _checkpoint_writer(
-    cfg: TrialConfig,
-    num_classes: int,
-    epoch: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    early: _EarlyStopping,
-    history: list[dict[str, Any]],
-    stop_reason: str,
-) -> Callable[[Path], None]:
-    """A function that writes this epoch's checkpoint into a folder when (and only if) it is called."""
-    history, early_state = list(history), dict(early.state_dict())
+def best_file_name(epoch: int) -> str:
+    return f"best-e{epoch:04d}.pt"
 
-    def write_checkpoint(folder: Path) -> None:
-        state = {
-            "format_version": 1,
-            "num_classes": num_classes,
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "rng": _rng_state(),
-            "early_stopping": early_state,
-            "history": history,
-            "stop_reason": stop_reason,
-        }
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
-        _atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(cfg.to_json()))
-        _atomic_write(folder / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history)))
 
-    return write_checkpoint
+def best_files(folder: str | Path) -> list[tuple[int, Path]]:
+    """The folder's best-weights files as (epoch, path), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _BEST_FILE.match(p.name))]
+    return sorted(found)
+
+
+def read_history(folder: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch metrics of a model folder (`history.jsonl`; a line cut by a kill is skipped)."""
+    return storage.read_records(Path(folder) / HISTORY_FILE)
+
+
+def read_resume_state(folder: str | Path | None, *, metadata_only: bool = False) -> dict[str, Any] | None:
+    """The folder's resume state (None if it has none yet).
+
+    Args:
+        folder: a model folder.
+        metadata_only: memory-map the file instead of reading the tensors (for `finished`, `history`, ...).
+
+    Raises:
+        CxrError: the file exists but is not a resume state of this version.
+    """
+    if folder is None:
+        return None
+    path = Path(folder) / RESUME_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=metadata_only)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CxrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete the folder "
+                       f"{folder} to train it again.") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CxrError(f"{path}: checkpoint format {state.get('format_version') if isinstance(state, dict) else '?'} "
+                       f"is not this version's ({FORMAT_VERSION}); retrain with this version of cxr-search.")
+    return state
+
+
+class _CheckpointWriter:
+    """Writes one run's model folder in the crash-safe order described above."""
+
+    def __init__(self, folder: Path, cfg: TrialConfig, num_classes: int, every_epochs: int,
+                 every_s: float | None):
+        self.folder, self.cfg, self.num_classes = folder, cfg, num_classes
+        self.every_epochs, self.every_s = max(1, int(every_epochs)), every_s
+        self.last_epoch = 0  # epoch of the last resume state
+        self.last_time = time.monotonic()
+        self.write_cost = 0.0  # seconds the last resume state took to write (the automatic period's unit)
+        self.best_written = 0  # epoch of the newest best file
+
+    def start_fresh(self) -> None:
+        """A new run: drop what an earlier attempt left before its first resume state."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _, path in best_files(self.folder):
+            path.unlink()
+        storage.rewrite_records(self.folder / HISTORY_FILE, [])
+        storage.atomic_write_text(self.folder / CONFIG_FILE, self.cfg.to_json())
+
+    def resumed(self, epoch: int) -> None:
+        self.last_epoch = epoch
+        self.best_written = max((e for e, _ in best_files(self.folder)), default=0)
+
+    def epoch_done(self, metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, early: _EarlyStopping,
+                   history: list[dict[str, Any]], stop_reason: str) -> None:
+        epoch = int(metrics["epoch"])
+        if early.best_epoch == epoch:
+            self._write_best(epoch, early.best_weights)
+        if stop_reason:
+            self._write_state(_lean_state(self.num_classes, epoch, early, history, stop_reason, self.best_written))
+            self._prune_best(keep=self.best_written)
+        elif self._due(epoch):
+            t0 = time.monotonic()
+            state = {
+                "format_version": FORMAT_VERSION, "num_classes": self.num_classes, "epoch": epoch,
+                "finished": False, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {}, "rng": _rng_state(),
+                "early_stopping": early.scalars(), "best_file": best_file_name(early.best_epoch)
+                if early.best_epoch else "", "history": history, "stop_reason": stop_reason,
+            }
+            self._write_state(state)
+            self._prune_best(keep=early.best_epoch)
+            self.write_cost = time.monotonic() - t0
+        storage.append_record(self.folder / HISTORY_FILE, metrics)
+
+    def _due(self, epoch: int) -> bool:
+        if epoch - self.last_epoch < self.every_epochs:
+            return False
+        period = self.every_s if self.every_s is not None else _AUTO_CHECKPOINT_FACTOR * self.write_cost
+        return time.monotonic() - self.last_time >= period
+
+    def _write_best(self, epoch: int, weights: dict[str, torch.Tensor] | None) -> None:
+        best = {"format_version": FORMAT_VERSION, "num_classes": self.num_classes, "epoch": epoch, "model": weights}
+        storage.atomic_write(self.folder / best_file_name(epoch), lambda tmp: torch.save(best, tmp))
+        self.best_written = epoch
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        storage.atomic_write(self.folder / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+        self.last_epoch, self.last_time = int(state["epoch"]), time.monotonic()
+
+    def _prune_best(self, keep: int) -> None:
+        """Remove best files older than the one the new resume state names (newer ones are still needed)."""
+        for epoch, path in best_files(self.folder):
+            if epoch < keep:
+                path.unlink(missing_ok=True)
+
+
+def _lean_state(num_classes: int, epoch: int, early: _EarlyStopping, history: list[dict[str, Any]],
+                stop_reason: str, best_epoch_on_disk: int) -> dict[str, Any]:
+    """The resume state of a run that ended: what a later call needs to report it, no weights or optimizer."""
+    scalars = early.scalars()
+    return {"format_version": FORMAT_VERSION, "num_classes": num_classes, "epoch": epoch, "finished": True,
+            "early_stopping": scalars, "best_file": best_file_name(best_epoch_on_disk) if best_epoch_on_disk else "",
+            "history": history, "stop_reason": stop_reason}
 
 
 def _restore(
+    state: dict[str, Any],
     folder: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     early: _EarlyStopping,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Load a checkpoint into the live objects and the RNGs; returns (history, stop_reason)."""
-    if not (folder / STATE_FILE).is_file():
-        raise CxrError(f"{folder}: no {STATE_FILE} to resume from; pass a folder written by a checkpoint.")
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    """Load a resume state into the live objects and the RNGs, and discard what came after it on disk.
+
+    Returns:
+        (history, stop_reason); a finished run returns its stop reason, so no epoch is trained again.
+    """
+    epoch = int(state["epoch"])
+    for e, path in best_files(folder):
+        if e > epoch:  # written after this state by an attempt that died: its epochs will run again
+            path.unlink(missing_ok=True)
+    history = list(state["history"])
+    if len(read_history(folder)) != len(history):
+        storage.rewrite_records(folder / HISTORY_FILE, history)
+    for key, value in state["early_stopping"].items():
+        setattr(early, key, value)
+    if state["best_file"]:
+        best = torch.load(folder / state["best_file"], map_location="cpu", weights_only=True)
+        early.best_weights = best["model"]
+    if state["finished"]:
+        if early.best_weights is not None:
+            model.load_state_dict(early.best_weights)
+        return history, state["stop_reason"] or "stopped"  # "" = stopped by a scheduler, then sealed
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"]:
         scheduler.load_state_dict(state["scheduler"])
-    for key, value in state["early_stopping"].items():
-        setattr(early, key, value)
     _set_rng_state(state["rng"])
-    return list(state["history"]), state["stop_reason"]
+    return history, state["stop_reason"]
+
+
+def seal(folder: str | Path, stop_reason: str = "") -> None:
+    """Make a run that ended without finishing by itself (a trial ASHA stopped) lean, like a finished one.
+
+    Its history is `history.jsonl` (it may run past the last resume state); its best weights are the newest
+    best file. Idempotent; a folder without a resume state or already lean is left as it is.
+    """
+    folder = Path(folder)
+    state = read_resume_state(folder, metadata_only=True)
+    if state is None or state["finished"]:
+        return
+    history = read_history(folder)
+    last = int(history[-1]["epoch"]) if history else int(state["epoch"])
+    bests = [(e, p) for e, p in best_files(folder) if e <= last]
+    best_epoch = bests[-1][0] if bests else 0
+    losses = {int(h["epoch"]): float(h["val_loss"]) for h in history if "val_loss" in h}
+    scalars = dict(state["early_stopping"])
+    scalars.update(best_epoch=best_epoch, best_loss=losses.get(best_epoch, scalars["best_loss"]))
+    if best_epoch != int(state["early_stopping"]["best_epoch"]):
+        scalars.update(best_val_metrics={})  # only known for the state's own best epoch
+    lean = {"format_version": FORMAT_VERSION, "num_classes": state["num_classes"], "epoch": last, "finished": True,
+            "early_stopping": scalars, "best_file": best_file_name(best_epoch) if best_epoch else "",
+            "history": history, "stop_reason": stop_reason}
+    storage.atomic_write(folder / RESUME_FILE, lambda tmp: torch.save(lean, tmp))
+    for epoch, path in best_files(folder):
+        if epoch != best_epoch:
+            path.unlink(missing_ok=True)
 
 
 def load_best_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, TrialConfig]:
-    """The best-validation model of a checkpoint folder, in eval mode on the CPU, and its trial config.
+    """The best-validation model of a model folder, in eval mode on the CPU, and its trial config.
 
     Args:
-        checkpoint_dir: folder with ``state.pt`` and ``config.json`` (from ``fit``'s report callback).
+        checkpoint_dir: a model folder written by ``fit`` (a trial folder, ``cxr-search train --out``).
     """
     folder = Path(checkpoint_dir)
-    for name in (STATE_FILE, CONFIG_FILE):
-        if not (folder / name).is_file():
-            raise CxrError(
-                f"{folder}: no {name}; pass a checkpoint folder written by 'cxr-search train' or a search."
-            )
-    cfg = TrialConfig.from_dict(
-        json.loads((folder / CONFIG_FILE).read_text()), source=str(folder / CONFIG_FILE)
-    )
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    weights = state["early_stopping"]["best_weights"] or state["model"]
-    # the checkpoint holds every weight: never reload pretrained ones (a hub name would fail offline)
-    model = model_from_config(cfg.replace(pretrained="none"), num_classes=state["num_classes"])
-    model.load_state_dict(weights)
+    bests = best_files(folder)
+    if not (folder / CONFIG_FILE).is_file() or not bests:
+        raise CxrError(f"{folder}: no trained model here (needs {CONFIG_FILE} and best-e*.pt); pass a folder "
+                       "written by `cxr-search train --out` or a search trial's folder.")
+    cfg = TrialConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()), source=str(folder / CONFIG_FILE))
+    history = read_history(folder)
+    last = int(history[-1]["epoch"]) if history else bests[-1][0]
+    epoch, path = next(((e, p) for e, p in reversed(bests) if e <= last), bests[0])
+    best = torch.load(path, map_location="cpu", weights_only=True)
+    # the file holds every weight: never reload pretrained ones (a hub name would fail offline)
+    model = model_from_config(cfg.replace(pretrained="none"), num_classes=best["num_classes"])
+    model.load_state_dict(best["model"])
     return model.eval(), cfg
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+# ---------------------------------------------------------------- test-only fault injection
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault a test asks for through ``$CXR_SEARCH_FAULTS`` (never through a config a user writes).
+
+    kind: ``raise`` (an exception), ``kill`` (SIGKILL of the training process) or ``stall`` (sleep ``seconds``),
+    fired after the first training batch of ``epoch``; ``always`` fires on every attempt, otherwise once per
+    model folder (a marker file remembers it); ``match`` limits it to configs with these field values.
+    """
+
+    kind: str
+    epoch: int
+    always: bool = False
+    seconds: float = 60.0
+    match: tuple[tuple[str, Any], ...] = ()
+
+    def applies(self, cfg: TrialConfig, epoch: int) -> bool:
+        return epoch == self.epoch and all(getattr(cfg, k, None) == v for k, v in self.match)
+
+
+FAULTS_ENV = "CXR_SEARCH_FAULTS"
+
+
+def faults_from_env(value: str | None = None) -> tuple[Fault, ...]:
+    """Parse ``$CXR_SEARCH_FAULTS``: a JSON object or list, e.g. ``{"kind": "raise", "epoch": 2}``."""
+    text = os.environ.get(FAULTS_ENV, "") if value is None else value
+    if not text.strip():
+        return ()
+    raw = json.loads(text)
+    items = raw if isinstance(raw, list) else [raw]
+    out = []
+    for item in items:
+        if item.get("kind") not in ("raise", "kill", "stall"):
+            raise ValueError(f"{FAULTS_ENV}: kind must be raise, kill or stall, got {item.get('kind')!r}")
+        out.append(Fault(item["kind"], int(item["epoch"]), bool(item.get("always", False)),
+                         float(item.get("seconds", 60.0)), tuple(sorted((item.get("match") or {}).items()))))
+    return tuple(out)
+
+
+def _armed_faults(faults: Sequence[Fault], cfg: TrialConfig, epoch: int,
+                  folder: Path | None) -> Callable[[], None] | None:
+    chosen = [f for f in faults if f.applies(cfg, epoch)]
+    if not chosen:
+        return None
+
+    def fire() -> None:
+        for fault in chosen:
+            marker = folder / f".fault-{fault.kind}-e{fault.epoch:04d}" if folder is not None else None
+            if marker is not None and marker.exists() and not fault.always:
+                continue
+            if marker is not None:
+                marker.touch()
+            if fault.kind == "raise":
+                raise RuntimeError(f"fault injected at epoch {epoch} ({FAULTS_ENV})")
+            if fault.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(fault.seconds)
+
+    return fire
 
 
 def _rng_state() -> dict[str, Any]:

@@ -8,7 +8,6 @@ is only ever evaluated.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +19,8 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from cxr_search import CLASSES
 from cxr_search.errors import CxrError
-from cxr_search.metrics import bootstrap_ci, bootstrap_indices, classification_metrics, confusion, ece
+from cxr_search.metrics import bootstrap_ci, bootstrap_indices, classification_metrics, confusion, ece, nll
 
 # Probabilities are clipped here before taking logs: a member that is certain (p = 0) must not make NLL infinite.
 _PROB_FLOOR = 1e-12
@@ -69,12 +67,6 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(logp / temperature, axis=1)
 
 
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class (natural log)."""
-    p = np.clip(np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels], _PROB_FLOOR, 1.0)
-    return float(-np.log(p).mean())
-
-
 def fit_temperature(val_probs: np.ndarray, val_labels: np.ndarray) -> float:
     """One temperature minimising validation NLL (Guo et al. 2017), searched on log T so T stays positive.
 
@@ -98,22 +90,15 @@ def fit_temperature(val_probs: np.ndarray, val_labels: np.ndarray) -> float:
     return float(math.exp(found.x)) if found.fun < val_nll(0.0) else 1.0
 
 
-def load_member(npz_path: Path, *, trial_id: str | None = None, checkpoint_dir: str = "") -> Member:
-    """Read one trial's stored predictions (`predictions/<trial>.npz`); arrays only, no pickle."""
-    try:
-        with np.load(npz_path, allow_pickle=False) as z:
-            classes = tuple(str(c) for c in z["classes"]) if "classes" in z else CLASSES
-            return Member(
-                trial_id=trial_id or Path(npz_path).stem,
-                checkpoint_dir=checkpoint_dir,
-                val_labels=z["val_labels"].astype(np.int64),
-                val_probs=z["val_probs"].astype(np.float64),
-                test_labels=z["test_labels"].astype(np.int64),
-                test_probs=z["test_probs"].astype(np.float64),
-                classes=classes,
-            )
-    except (OSError, KeyError, ValueError) as e:
-        raise CxrError(f"{npz_path}: not a readable predictions file ({e}); rerun the stage that wrote it.") from None
+def load_member(npz_path: str | Path, *, trial_id: str | None = None, checkpoint_dir: str = "") -> Member:
+    """One finished model's stored predictions (`predictions/<trial>.npz`, read by the experiment module)."""
+    from cxr_search.experiment import read_predictions
+
+    z = read_predictions(npz_path)
+    return Member(trial_id=trial_id or Path(npz_path).stem, checkpoint_dir=checkpoint_dir,
+                  val_labels=z["val_labels"].astype(np.int64), val_probs=z["val_probs"].astype(np.float64),
+                  test_labels=z["test_labels"].astype(np.int64), test_probs=z["test_probs"].astype(np.float64),
+                  classes=tuple(str(c) for c in z["classes"]))
 
 
 def check_compatible(members: Sequence[Member]) -> None:
@@ -148,7 +133,7 @@ def evaluate(members: Sequence[Member], weights: np.ndarray, *, calibrate: bool 
     """Soft-vote the members, fit a temperature on validation, and evaluate everything on test.
 
     Args:
-        members: compatible members (see `check_compatible`).
+        members: compatible members (see `check_compatible`), best first by the experiment's objective.
         weights: one weight per member (from `member_weights`).
         calibrate: fit and apply temperature scaling (validation NLL).
         n_resamples: bootstrap resamples for the test confidence intervals (stratified by class).
@@ -169,8 +154,9 @@ def evaluate(members: Sequence[Member], weights: np.ndarray, *, calibrate: bool 
 
     ci = bootstrap_ci(y_test, test_probs, n_resamples=n_resamples, stratified=True, seed=seed)
     member_metrics = {m.trial_id: classification_metrics(m.test_labels, m.test_probs) for m in members}
-    # The best single model is chosen on validation (never test), like every other choice here.
-    best = max(members, key=lambda m: float((m.val_probs.argmax(1) == m.val_labels).mean()))
+    # The best single model is the first member: members come ranked by the experiment's objective (validation
+    # only, never test), the same ranking that chose them.
+    best = members[0]
     best_ci = bootstrap_ci(y_test, best.test_probs, n_resamples=n_resamples, stratified=True, seed=seed)
     uncal = classification_metrics(y_test, test_probs_raw)
     return {
@@ -179,8 +165,8 @@ def evaluate(members: Sequence[Member], weights: np.ndarray, *, calibrate: bool 
         "metrics_uncalibrated": {k: float(v) for k, v in uncal.items()},
         "ece_before": float(uncal["ece"]),
         "ece_after": float(ece(test_probs, y_test)),
-        "val_nll_before": nll(val_probs, y_val),
-        "val_nll_after": nll(apply_temperature(val_probs, temperature), y_val),
+        "val_nll_before": nll(y_val, val_probs),
+        "val_nll_after": nll(y_val, apply_temperature(val_probs, temperature)),
         "member_metrics": {tid: {k: float(v) for k, v in mm.items()} for tid, mm in member_metrics.items()},
         "best_single": {"trial_id": best.trial_id,
                         "metrics": {k: [float(x) for x in v] for k, v in best_ci.items()}},
@@ -219,7 +205,9 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(ax=ax, colorbar=False)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from cxr_search import storage
+
+    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -246,18 +234,19 @@ def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "retrain", weights: str = "uniform",
+def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "search", weights: str = "uniform",
                    calibrate: bool = True, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Build, evaluate and save a soft-voting ensemble of the experiment's best finished models.
 
-    Members are the `top_k` trials of the chosen stage ranked by the search's validation metric. Writes
-    `EXP/ensemble/ensemble.json` (what a future `predict` loads), `EXP/ensemble/metrics.csv` and
-    `EXP/ensemble/confusion_matrix.png`.
+    Members are ranked by the experiment's objective (validation only). From the search, each configuration
+    counts once (the top `top_k` distinct configurations, as the study voted over different models); from the
+    retrain stage, the members are the seeds of the best retrained configuration (a seed ensemble). Writes
+    `EXP/ensemble/ensemble.json` (what `predict` loads), `metrics.csv` and `confusion_matrix.png`.
 
     Args:
         exp_dir: the experiment folder.
         top_k: number of members.
-        source: `search` (the search's trials) or `retrain` (the seed runs of the top configurations).
+        source: `search` (distinct configurations) or `retrain` (seeds of the top retrained configuration).
         weights: `uniform` or `val` (proportional to validation accuracy).
         calibrate: fit one temperature on validation NLL and apply it.
         n_resamples: bootstrap resamples for test confidence intervals.
@@ -266,30 +255,33 @@ def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "retrain", 
     Returns:
         The ensemble description as saved in ensemble.json.
     """
-    from cxr_search.retrain import rank_trials
+    from cxr_search import storage
+    from cxr_search.experiment import Experiment
 
-    exp_dir = Path(exp_dir)
+    exp = Experiment.open(exp_dir)
     if source not in ("search", "retrain"):
         raise CxrError(f"--from is '{source}'; allowed: search, retrain.")
     if top_k < 1:
         raise CxrError(f"--top must be >= 1, got {top_k}.")
-    stage_dir = exp_dir if source == "search" else exp_dir / "retrain"
-    ranked = rank_trials(exp_dir, stage_dir, finished_only=True)
+    ranked = exp.ranked(source, finished_only=True, distinct=source == "search")
     if ranked.empty:
-        hint = f"run `cxr-search retrain {exp_dir}` first" if source == "retrain" else "run a search first"
-        raise CxrError(f"{stage_dir}: no finished trials with predictions; {hint}.")
+        hint = f"run `cxr-search retrain {exp.path}` first" if source == "retrain" else "run or resume the search"
+        raise CxrError(f"{exp.stage_dir(source)}: no finished trials with predictions; {hint}.")
+    if source == "retrain":  # a seed ensemble: the seeds of the best configuration only
+        ranked = ranked[ranked["config_key"] == ranked["config_key"].iloc[0]]
     chosen = ranked.head(top_k)
-    members = [load_member(Path(r.predictions_path), trial_id=str(r.trial_id), checkpoint_dir=str(r.checkpoint_dir))
-               for r in chosen.itertuples()]
+    members = [load_member(r["predictions_path"], trial_id=str(r["trial_id"]),
+                           checkpoint_dir=str(Path(r["trial_dir"]).resolve())) for r in chosen.to_dict("records")]
     w = member_weights(members, weights)
     result = evaluate(members, w, calibrate=calibrate, n_resamples=n_resamples, seed=seed)
 
-    out = exp_dir / "ensemble"
+    out = exp.path / "ensemble"
     out.mkdir(parents=True, exist_ok=True)
     classes = list(members[0].classes)
     plot_confusion(np.array(result["confusion_matrix"]), classes, out / "confusion_matrix.png",
                    f"soft-voting ensemble of {len(members)} (test)")
-    metrics_table(result).to_csv(out / "metrics.csv", index=False)
+    table = metrics_table(result)
+    storage.atomic_write(out / "metrics.csv", lambda tmp: table.to_csv(tmp, index=False))
     description = {
         "source": source,
         "weighting": weights,
@@ -297,15 +289,15 @@ def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "retrain", 
         "classes": classes,
         "temperature": result.pop("temperature"),
         "members": [{"trial_id": m.trial_id, "checkpoint_dir": m.checkpoint_dir, "weight": float(wi),
-                     "val_acc": float((m.val_probs.argmax(1) == m.val_labels).mean())}
-                    for m, wi in zip(members, w, strict=True)],
-        "ranking_metric": str(chosen.attrs.get("metric", "")),
+                     "val_acc": float((m.val_probs.argmax(1) == m.val_labels).mean()),
+                     exp.objective.column: float(r[exp.objective.column])}
+                    for m, wi, r in zip(members, w, chosen.to_dict("records"), strict=True)],
+        "ranking_metric": exp.objective.metric,
+        "ranking_mode": exp.objective.mode,
         "n_test": int(len(members[0].test_labels)),
         "n_val": int(len(members[0].val_labels)),
         "bootstrap": {"n_resamples": n_resamples, "stratified": True, "level": 0.95, "seed": seed},
         **result,
     }
-    tmp = out / "ensemble.json.tmp"
-    tmp.write_text(json.dumps(description, indent=2))
-    tmp.replace(out / "ensemble.json")
+    storage.atomic_write_json(out / "ensemble.json", description)  # last: its presence means the stage is whole
     return description

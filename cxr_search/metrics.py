@@ -39,6 +39,15 @@ METRIC_NAMES: tuple[str, ...] = (
     "ece",
     "nll",
 )
+# What the engine reports on validation every epoch, and the direction that is better: the only metrics a
+# search may optimise (test metrics are computed once per finished model and never feed a search).
+VALIDATION_METRICS: dict[str, str] = {
+    "val_loss": "min",
+    "val_acc": "max",
+    "val_macro_f1": "max",
+    "val_normal_recall": "max",
+    "val_covid_recall_vs_pneumonia": "max",
+}
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -67,6 +76,12 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, f
         "nll": log_loss(y, p, labels=_LABELS),
     }
     return {k: float(np.asarray(out[k]).squeeze()) for k in METRIC_NAMES}
+
+
+def nll(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (natural log; scikit-learn's `log_loss`)."""
+    y, p = _check(y_true, probs)
+    return float(log_loss(y, p, labels=_LABELS))
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:

@@ -11,25 +11,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_search import paths
-from cxr_search.retrain import rank_trials
+from cxr_search import paths, storage
+from cxr_search.config import TrialConfig
+from cxr_search.experiment import Experiment
 
 # Figures shown per model, in the study's table order (DESIGN.md names).
 TABLE_METRICS = ("acc", "normal_recall", "covid_recall_vs_pneumonia")
 MAX_SEARCH_ROWS = 12  # the summary lists the best trials, not hundreds
 
 
+MISSING = "n/a"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
 def fmt(value: Any, digits: int = 4) -> str:
-    """A number for a table cell; blank for missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return ""
+    """The one number formatter of tables and summaries: `0.9512`, integers as such, `n/a` for missing."""
+    if _missing(value):
+        return MISSING
     if isinstance(value, (int, np.integer)):
         return str(int(value))
+    if isinstance(value, str):
+        return value
     return f"{float(value):.{digits}f}"
 
 
 def fmt_ci(point: float, lo: float, hi: float, digits: int = 4) -> str:
-    """`0.9512 [0.9321, 0.9688]`: point estimate and 95% interval."""
+    """`0.9512 [0.9321, 0.9688]`: point estimate and 95% interval; an interval that cannot be estimated
+    (missing, or collapsed to the point because a class has too few images to resample) says so."""
+    if _missing(point):
+        return MISSING
+    if _missing(lo) or _missing(hi) or (lo == hi == point):
+        return f"{fmt(point, digits)} (interval n/a)"
     return f"{fmt(point, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
 
 
@@ -61,15 +76,12 @@ def _test_cis(predictions_path: str, n_resamples: int) -> dict[str, tuple[float,
     return bootstrap_ci(y, p, n_resamples=n_resamples, stratified=True, seed=0, metrics=list(TABLE_METRICS))
 
 
-def search_section(exp_dir: Path, n_resamples: int = 1000) -> list[str]:
+def search_section(exp: Experiment, n_resamples: int = 1000) -> list[str]:
     """The search's best trials (best per backbone if several backbones were searched) beside the study."""
-    # Ray-free; the one place where trials are matched to the study's rows
-    from cxr_search.search.results import study_table
-
-    ranked = rank_trials(exp_dir, finished_only=False)
+    ranked = exp.ranked("search", finished_only=False)
     if ranked.empty:
         return []
-    metric, mode = ranked.attrs["metric"], ranked.attrs["mode"]
+    metric, mode = exp.objective.metric, exp.objective.mode
     if "backbone" in ranked.columns and ranked["backbone"].nunique() > 1:
         # a backbone comparison: the best trial of each backbone, like the study's table
         shown, title = ranked.drop_duplicates("backbone", keep="first"), "Search: best trial per backbone"
@@ -89,16 +101,18 @@ def search_section(exp_dir: Path, n_resamples: int = 1000) -> list[str]:
                     "stop": str(r["stop_reason"] or "")})
         rows.append(row)
     df = pd.DataFrame(rows)
-    df = df.loc[:, [c for c in df.columns if (df[c].astype(str) != "").any()]]  # drop all-empty columns
+    df = df.loc[:, [c for c in df.columns if (df[c].astype(str) != MISSING).any()]]  # drop all-empty columns
     return [f"## {title}", "",
             f"Ranked by validation `{metric}` ({mode}); test figures with 95% stratified bootstrap intervals "
             "from each trial's best-validation predictions. \"study\" columns: the study's reported test figures "
             "for the matching backbone or fine-tuning variant.", "", markdown_table(df), ""]
 
 
-def retrain_section(exp_dir: Path) -> list[str]:
+def retrain_section(exp: Experiment) -> list[str]:
     """The seed-to-seed spread of the retrained configurations (EXP/retrain/summary.csv)."""
-    path = exp_dir / "retrain" / "summary.csv"
+    from cxr_search.retrain import MIN_SEEDS_FOR_INTERVAL
+
+    path = exp.stage_dir("retrain") / "summary.csv"
     if not path.is_file() or path.stat().st_size == 0:
         return []
     summary = pd.read_csv(path)
@@ -109,10 +123,14 @@ def retrain_section(exp_dir: Path) -> list[str]:
     for r in summary.to_dict("records"):
         study_key = "test_acc" if r["metric"] == "acc" else r["metric"]
         rank = "" if pd.isna(r["rank"]) else f"#{int(r['rank'])} "
+        source = r.get("source_trial_id")
+        source = f" (from trial {source})" if isinstance(source, str) and source else ""
+        ci = (f"n/a (fewer than {MIN_SEEDS_FOR_INTERVAL} seeds)" if r["n_seeds"] < MIN_SEEDS_FOR_INTERVAL
+              else f"[{fmt(r.get('mean_ci_low'))}, {fmt(r.get('mean_ci_high'))}]")
         table.append({
-            "config": f"{rank}{r['config_key']} (from {r['source_trial_id']})", "test metric": r["metric"],
+            "config": f"{rank}{r['config_key']}{source}", "test metric": r["metric"],
             "seeds": r["n_seeds"], "mean ± std": f"{fmt(r['mean'])} ± {fmt(r['std'])}",
-            "95% CI of mean": f"[{fmt(r.get('mean_ci_low'))}, {fmt(r.get('mean_ci_high'))}]",
+            "95% CI of mean": ci,
             "2.5-97.5 pct": f"[{fmt(r['p2_5'])}, {fmt(r['p97_5'])}]", "min-max": f"{fmt(r['min'])}-{fmt(r['max'])}",
             "study variant 7, mean of 50": fmt(study.get(study_key)) if study else "",
         })
@@ -123,9 +141,9 @@ def retrain_section(exp_dir: Path) -> list[str]:
             markdown_table(pd.DataFrame(table)), ""]
 
 
-def ensemble_section(exp_dir: Path) -> list[str]:
+def ensemble_section(exp: Experiment) -> list[str]:
     """The soft-voting ensemble (EXP/ensemble/ensemble.json) against its best single member and the study."""
-    path = exp_dir / "ensemble" / "ensemble.json"
+    path = exp.path / "ensemble" / "ensemble.json"
     if not path.is_file():
         return []
     ens = json.loads(path.read_text())
@@ -143,8 +161,11 @@ def ensemble_section(exp_dir: Path) -> list[str]:
                      "study ensemble": fmt(study_ens.get(key)), "study best single": fmt(study_best.get(key))})
     gain = ens["acc_gain_vs_best_single"]
     members = ", ".join(f"{m['trial_id']} (w={m['weight']:.3f})" for m in ens["members"])
+    kind = "seeds of the best retrained configuration" if ens["source"] == "retrain" else \
+        "distinct configurations of the search"
     return ["## Soft-voting ensemble", "",
-            f"{len(ens['members'])} members from the {ens['source']} stage, {ens['weighting']} weights: {members}.",
+            f"{len(ens['members'])} members ({kind}, ranked by validation `{ens['ranking_metric']}`; the best "
+            f"single model is the top-ranked one), {ens['weighting']} weights: {members}.",
             f"Temperature {ens['temperature']:.3f} fitted on validation NLL "
             f"({ens['val_nll_before']:.4f} -> {ens['val_nll_after']:.4f}); test ECE {ens['ece_before']:.4f} -> "
             f"{ens['ece_after']:.4f}. Accuracy gain over the best single member (chosen on validation): "
@@ -152,12 +173,11 @@ def ensemble_section(exp_dir: Path) -> list[str]:
             markdown_table(pd.DataFrame(rows)), "", "Confusion matrix: `ensemble/confusion_matrix.png`.", ""]
 
 
-def data_section(exp_dir: Path) -> list[str]:
+def data_section(exp: Experiment) -> list[str]:
     """The data report's warnings (duplicates, shared patients, ...) first: they qualify every number below."""
-    path = exp_dir / "data_report.json"
-    if not path.is_file():
+    report = exp.data_report()
+    if report is None:
         return ["> No data report found (`data_report.json`): data integrity unknown.", ""]
-    report = json.loads(path.read_text())
     warnings = report.get("warnings") or []
     if not warnings:
         return ["Data integrity: no warnings.", ""]
@@ -171,10 +191,9 @@ def build_summary(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
         exp_dir: the experiment folder; stages that have not run are left out.
         n_resamples: bootstrap resamples for the per-trial test intervals.
     """
-    exp_dir = Path(exp_dir)
-    parts = [f"# cxr-search summary: {exp_dir.name}", "", *data_section(exp_dir)]
-    body = (search_section(exp_dir, n_resamples) + retrain_section(exp_dir)
-            + ensemble_section(exp_dir))
+    exp = Experiment.open(exp_dir)
+    parts = [f"# cxr-search summary: {exp.path.name}", "", *data_section(exp)]
+    body = search_section(exp, n_resamples) + retrain_section(exp) + ensemble_section(exp)
     if not body:
         body = ["No finished stage yet (no `results.parquet`): run a search first.", ""]
     return "\n".join(parts + body)
@@ -182,9 +201,7 @@ def build_summary(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
 
 def write_summary(exp_dir: str | Path) -> Path:
     """Write `EXP/summary.md` and return its path."""
-    path = Path(exp_dir) / "summary.md"
-    path.write_text(build_summary(exp_dir))
-    return path
+    return storage.atomic_write_text(Path(exp_dir) / "summary.md", build_summary(exp_dir))
 
 
 def print_markdown(lines: list[str], console: Any) -> None:
@@ -198,3 +215,114 @@ def print_summary(exp_dir: str | Path, console: Any) -> None:
     """Print the summary (written by `write_summary` if present, else built now) on a rich console."""
     path = Path(exp_dir) / "summary.md"
     print_markdown([path.read_text() if path.is_file() else build_summary(exp_dir)], console)
+
+
+# ---------------------------------------------------------------- the study's tables beside ours
+
+
+def study_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Our trials in the study's table format, with the study's reported figures where a variant/backbone matches.
+
+    Columns: model, train_acc, val_acc, test_acc, normal_recall, covid_recall_vs_pneumonia, train_val_gap,
+    time_s, then `study_<col>` for the study's numbers (empty where nothing matches).
+    """
+    finetune, backbones = _study_tables()
+    out = []
+    for _, r in df.iterrows():
+        ref = _match_study(r, finetune, backbones)
+        label = str(r["variant"]) if "variant" in r and isinstance(r.get("variant"), str) else _label(r)
+        row = {
+            "model": label,
+            "train_acc": r.get("train_acc"), "val_acc": r.get("best_val_acc"), "test_acc": r.get("test_acc"),
+            "normal_recall": r.get("test_normal_recall"),
+            "covid_recall_vs_pneumonia": r.get("test_covid_recall_vs_pneumonia"),
+            "train_val_gap": r.get("train_val_gap"), "time_s": r.get("wall_time_s"),
+            "stop_reason": r.get("stop_reason"),
+        }
+        for key in ("test_acc", "normal_recall", "covid_recall_vs_pneumonia"):
+            row[f"study_{key}"] = ref.get(key) if ref is not None else None
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _label(r: pd.Series) -> str:
+    parts = [str(r.get("backbone", "")), str(r.get("optimizer", ""))]
+    if r.get("backbone") == "inception_v3":
+        freeze = r.get("freeze_fraction", TrialConfig.freeze_fraction)
+        parts += [f"freeze={freeze:g}", str(r.get("head", "")), str(r.get("regularizer", ""))]
+    return " ".join(p for p in parts if p)
+
+
+def _study_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    ref = paths.reference_dir()
+    finetune = pd.read_csv(ref / "study_inception_finetuning.csv", dtype={"variant": str})
+    backbones = pd.read_csv(ref / "study_backbones.csv")
+    return finetune, backbones
+
+
+def _match_study(r: pd.Series, finetune: pd.DataFrame, backbones: pd.DataFrame) -> pd.Series | None:
+    variant = r.get("variant") if isinstance(r.get("variant"), str) else None
+    if variant is not None:
+        name = variant.removeprefix("variant_")
+        hit = finetune[finetune["variant"] == name]
+        if len(hit):
+            return hit.iloc[0]
+        if variant.startswith("backbone_"):
+            return _backbone_row(variant.removeprefix("backbone_"), backbones)
+        return None
+    if r.get("backbone") == "inception_v3":
+        freeze = float(r.get("freeze_fraction", TrialConfig.freeze_fraction))
+        for _, f in finetune.iterrows():
+            same = (f["optimizer"] == r.get("optimizer") and float(f["freeze_fraction"]) == freeze
+                    and f["head"] == r.get("head") and f["regularizer"] == r.get("regularizer"))
+            if same and f["regularizer"] != "none":
+                same = math.isclose(float(f["reg_strength"]), float(r.get("reg_strength", 0)), rel_tol=1e-6)
+            if same:
+                return f
+        return None
+    return _backbone_row(str(r.get("backbone", "")), backbones)
+
+
+def _backbone_row(backbone: str, backbones: pd.DataFrame) -> pd.Series | None:
+    model = "densenet" if backbone == "densenet121" else backbone  # the study's "DenseNet50" is our densenet121
+    hit = backbones[backbones["model"] == model]
+    return hit.iloc[0] if len(hit) else None
+
+
+# ---------------------------------------------------------------- status
+
+
+def print_status(exp_dir: str | Path, console: Any) -> None:
+    """A table of an experiment's trials read from its folder (no Ray; safe while a search is running)."""
+    from rich.table import Table
+
+    from cxr_search.experiment import build_results
+
+    exp = Experiment.open(exp_dir)
+    df = build_results(exp.path, exp.objective)  # fresh from the folder, even if results.parquet is older
+    objective = exp.objective
+    console.print(f"{exp.path}: {len(df)} of {exp.plan.space.num_samples} search trials; stages done: "
+                  f"{', '.join(exp.plan.completed) or 'none'}; objective {objective.metric} ({objective.mode})")
+    if df.empty:
+        return
+    counts = df["stop_reason"].replace("", "running").value_counts().to_dict()
+    console.print("  " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    col = objective.column
+    if col in df:
+        df = df.sort_values(col, ascending=(objective.mode == "min"), na_position="last")
+    spec = exp.plan.space
+    searched = [n for n in [p.name for p in spec.params] + (["variant"] if spec.variants else []) if n in df][:6]
+    table = Table()
+    cols = ["trial_id", *searched, "epochs", "stop_reason", col, "best_val_acc", "test_acc", "wall_time_s"]
+    cols = [c for c in cols if c in df]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("trial_id", *searched) else "right")
+    for _, r in df.iterrows():
+        table.add_row(*[_cell(r[c]) if c != "stop_reason" else (r[c] or "running") for c in cols])
+    console.print(table)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, (float, np.floating)) and not _missing(v) and abs(v) >= 100:
+        return fmt(v, 0)
+    return fmt(v)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -81,15 +82,16 @@ def _cfg(**changes) -> TrialConfig:
     return TrialConfig(**{**base, **changes})
 
 
-def _fit_writing_checkpoints(cfg, data, root, **kwargs):
-    """fit() with a report callback that keeps every epoch's checkpoint in root/epoch-<n>."""
-    reported = []
+def _fit_recording(cfg, data, folder, **kwargs):
+    """fit() into a model folder, recording each epoch's report (metrics, and the files on disk at that moment)."""
+    reported, on_disk = [], []
 
-    def report(metrics, write_checkpoint):
+    def report(metrics, history):
+        assert history[-1] == metrics
         reported.append(metrics)
-        write_checkpoint(root / f"epoch-{metrics['epoch']}")
+        on_disk.append(engine.read_history(folder))
 
-    return engine.fit(cfg, data, report=report, **kwargs), reported
+    return engine.fit(cfg, data, report=report, checkpoint_dir=folder, **kwargs), reported, on_disk
 
 
 # ---------------------------------------------------------------- augmentation
@@ -140,14 +142,14 @@ def test_warp_matches_scipy_affine_transform():
 
 
 def test_cosine_schedule_and_report_keys(tmp_path):
-    result, reported = _fit_writing_checkpoints(
-        _cfg(lr_schedule="cosine", max_epochs=3, patience=10), _data(), tmp_path
-    )
+    result, reported, on_disk = _fit_recording(_cfg(lr_schedule="cosine", max_epochs=3, patience=10), _data(), tmp_path)
     assert [set(m) for m in reported] == [REPORT_KEYS] * 3
     expected = [3e-3 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
     np.testing.assert_allclose([m["lr"] for m in reported], expected)
     assert [m["stop_reason"] for m in reported] == ["", "", "max_epochs"]
     assert result.stop_reason == "max_epochs" and len(result.history) == 3
+    # each epoch is on disk before it is reported
+    assert [len(h) for h in on_disk] == [1, 2, 3] and on_disk[-1] == reported
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
@@ -173,7 +175,7 @@ def test_every_optimizer_trains_with_each_balance_mode(optimizer):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
-    result, _ = _fit_writing_checkpoints(_cfg(patience=10), _data(), root)
+    result, _, _ = _fit_recording(_cfg(patience=10), _data(), root)
     return result, root
 
 
@@ -186,41 +188,104 @@ def _assert_same_run(a: engine.FitResult, b: engine.FitResult) -> None:
     np.testing.assert_array_equal(a.val_probs, b.val_probs)
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
-    full, root = uninterrupted
-    resumed, reported = _fit_writing_checkpoints(
-        _cfg(patience=10), _data(), tmp_path, resume_from=root / "epoch-2"
-    )
+def _faults(**fault):
+    return engine.faults_from_env(json.dumps(fault))
+
+
+def test_a_fault_mid_epoch_then_a_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    cfg = _cfg(patience=10)
+    faults = _faults(kind="raise", epoch=3)
+    with pytest.raises(RuntimeError, match="fault injected at epoch 3"):
+        _fit_recording(cfg, _data(), tmp_path, faults=faults)
+    assert [m["epoch"] for m in engine.read_history(tmp_path)] == [1, 2]
+    assert engine.read_resume_state(tmp_path)["epoch"] == 2
+    # the retry (same folder, same faults) resumes after epoch 2; the fault fires once per folder
+    resumed, reported, _ = _fit_recording(cfg, _data(), tmp_path, faults=faults)
     assert [m["epoch"] for m in reported] == [3, 4]
     _assert_same_run(full, resumed)
+    assert [m["epoch"] for m in engine.read_history(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_injected_fault_raises_once_and_the_retry_resumes_to_the_same_result(uninterrupted, tmp_path):
+def test_a_resume_discards_what_an_attempt_wrote_after_its_last_resume_state(uninterrupted, tmp_path):
     full, _ = uninterrupted
-    cfg = _cfg(patience=10, fail_at_epoch=3)
-    with pytest.raises(RuntimeError, match="fault injected at epoch 3"):
-        _fit_writing_checkpoints(cfg, _data(), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-1", "epoch-2"]
-    retried = engine.fit(cfg, _data(), resume_from=tmp_path / "epoch-2")
-    _assert_same_run(full, retried)
+    cfg = _cfg(patience=10)
+    # resume states only every 2 epochs: the attempt dies in epoch 4 with epoch 3 on disk but no state for it
+    with pytest.raises(RuntimeError):
+        engine.fit(cfg, _data(), checkpoint_dir=tmp_path, checkpoint_every=2, faults=_faults(kind="raise", epoch=4))
+    assert len(engine.read_history(tmp_path)) == 3 and engine.read_resume_state(tmp_path)["epoch"] == 2
+    resumed = engine.fit(cfg, _data(), checkpoint_dir=tmp_path, checkpoint_every=2)
+    _assert_same_run(full, resumed)
+    assert [m["epoch"] for m in engine.read_history(tmp_path)] == [1, 2, 3, 4]  # epoch 3 once
+
+
+def test_a_fault_marked_always_fires_on_every_attempt(tmp_path):
+    faults = _faults(kind="raise", epoch=1, always=True, match={"backbone": "cnn3"})
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="fault injected"):
+            engine.fit(_cfg(max_epochs=1), _data(), checkpoint_dir=tmp_path, faults=faults)
+    engine.fit(_cfg(max_epochs=1, backbone="alexnet", deterministic=False), _data(n_train=24, n_eval=12),
+               faults=faults)  # another config is not matched
 
 
 def test_resuming_a_finished_run_trains_no_more(uninterrupted):
     full, root = uninterrupted
-    again = engine.fit(
-        _cfg(patience=10),
-        _data(),
-        resume_from=root / "epoch-4",
-        report=lambda m, w: pytest.fail("no epoch should run"),
-    )
+    again = engine.fit(_cfg(patience=10), _data(), checkpoint_dir=root,
+                       report=lambda m, h: pytest.fail("no epoch should run"))
     _assert_same_run(full, again)
+
+
+def test_a_finished_folder_keeps_its_best_weights_only(uninterrupted):
+    full, root = uninterrupted
+    state = torch.load(root / engine.RESUME_FILE, weights_only=True)
+    assert state["finished"] and "optimizer" not in state and "model" not in state
+    assert [e for e, _ in engine.best_files(root)] == [full.best_epoch]
+    assert not list(root.glob(".*tmp*"))  # atomic writes leave no temporaries behind
+    model, cfg = engine.load_best_model(root)
+    ev = engine.evaluate(model, _data().test, cfg=cfg)
+    assert ev.metrics == pytest.approx(full.test, rel=1e-5, nan_ok=True)
+    assert ev.probs.dtype == np.float32 and ev.probs.shape == (48, 3)
+
+
+def test_checkpoints_by_time_skip_epochs_but_the_end_is_always_written(tmp_path):
+    written = []
+    real = engine._CheckpointWriter._write_state
+
+    def spy(self, state):
+        written.append((state["epoch"], state["finished"]))
+        real(self, state)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine._CheckpointWriter, "_write_state", spy)
+        engine.fit(_cfg(max_epochs=4, patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every_s=3600)
+    assert written == [(4, True)]  # an hour between resume states: only the final, lean one
+
+
+def test_seal_makes_a_scheduler_stopped_run_lean_with_its_newest_best_weights(tmp_path):
+    # a run stopped from outside after epoch 3 (as ASHA does), its last resume state at epoch 2
+    class Stop(Exception):
+        pass
+
+    def report(metrics, history):
+        if metrics["epoch"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        engine.fit(_cfg(patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every=2, report=report)
+    history = engine.read_history(tmp_path)
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    engine.seal(tmp_path)
+    state = engine.read_resume_state(tmp_path)
+    assert state["finished"] and state["epoch"] == 3 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert [e for e, _ in engine.best_files(tmp_path)] == [best]
+    engine.load_best_model(tmp_path)
 
 
 def test_early_stopping_waits_patience_epochs_and_tests_the_best_weights(tmp_path):
     # Random labels: the model can only memorise the training set, so validation loss soon rises.
     data = _data(learnable=False)
     cfg = _cfg(patience=2, max_epochs=30, lr=1e-2, augment=False, balance="none")
-    result, _ = _fit_writing_checkpoints(cfg, data, tmp_path)
+    result, _, _ = _fit_recording(cfg, data, tmp_path)
     val_losses = [m["val_loss"] for m in result.history]
     best = result.best_epoch
     assert result.stop_reason == "early_stopping" and result.history[-1]["stop_reason"] == "early_stopping"
@@ -228,7 +293,7 @@ def test_early_stopping_waits_patience_epochs_and_tests_the_best_weights(tmp_pat
     assert val_losses[best - 1] == min(val_losses) and result.best_val["loss"] == val_losses[best - 1]
     assert all(v >= val_losses[best - 1] for v in val_losses[best:])
 
-    model, loaded_cfg = engine.load_best_model(tmp_path / f"epoch-{len(val_losses)}")
+    model, loaded_cfg = engine.load_best_model(tmp_path)
     assert loaded_cfg == cfg and not model.training
     test_probs = engine.predict_proba(model, data.test.images, cfg=loaded_cfg)
     np.testing.assert_allclose(test_probs, result.test_probs, atol=1e-6)
@@ -238,17 +303,6 @@ def test_early_stopping_waits_patience_epochs_and_tests_the_best_weights(tmp_pat
     val_probs = engine.predict_proba(model, data.val.images, cfg=loaded_cfg, batch_size=7)
     np.testing.assert_allclose(val_probs, result.val_probs, atol=1e-6)
     assert result.best_val["macro_f1"] == pytest.approx(result.history[best - 1]["val_macro_f1"])
-
-
-def test_checkpoint_loads_with_weights_only_and_evaluate_agrees(uninterrupted):
-    full, root = uninterrupted
-    state = torch.load(root / "epoch-4" / engine.STATE_FILE, weights_only=True)
-    assert state["epoch"] == 4 and len(state["history"]) == 4
-    assert not list(root.glob("*/.*tmp*"))  # atomic writes leave no temporaries behind
-    model, cfg = engine.load_best_model(root / "epoch-4")
-    ev = engine.evaluate(model, _data().test, cfg=cfg)
-    assert ev.metrics == pytest.approx(full.test, rel=1e-5, nan_ok=True)
-    assert ev.probs.dtype == np.float32 and ev.probs.shape == (48, 3)
 
 
 def test_model_smaller_than_the_input_minimum_is_upsampled_on_the_device():

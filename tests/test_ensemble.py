@@ -8,20 +8,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from sklearn.metrics import accuracy_score, log_loss
 
-from cxr_search import CLASSES
+from cxr_search import CLASSES, experiment
 from cxr_search.ensemble import (
     apply_temperature,
     build_ensemble,
     fit_temperature,
     load_member,
     member_weights,
-    nll,
     soft_vote,
 )
 from cxr_search.errors import CxrError
+from cxr_search.metrics import nll
+from cxr_search.space import parse_space
 
 
 def synthetic_predictions(y: np.ndarray, *, skill: float, overconfidence: float, rng: np.random.Generator) -> np.ndarray:
@@ -33,14 +33,18 @@ def synthetic_predictions(y: np.ndarray, *, skill: float, overconfidence: float,
     return e / e.sum(1, keepdims=True)
 
 
+def make_plan(name: str = "exp", metric: str = "val_loss", mode: str = "min") -> experiment.Plan:
+    """A minimal plan for experiments made by hand in tests."""
+    space = parse_space({"metric": metric, "mode": mode, "searcher": "random", "trial": {"backbone": "cnn3"}},
+                        "test space")
+    return experiment.Plan(name=name, space=space, data=experiment.DataConfig())
+
+
 def make_experiment(root: Path, *, n_trials: int = 4, n_val: int = 120, n_test: int = 150, seed: int = 0,
-                    stage: str = "", test_override=None) -> Path:
-    """A finished experiment on disk without training: search_space.yaml, results.parquet, predictions/*.npz."""
+                    test_override=None, same_config=()) -> Path:
+    """A finished search on disk without training: pipeline.json, results.parquet, predictions/*.npz|json."""
     rng = np.random.default_rng(seed)
-    exp = root / "exp"
-    stage_dir = exp / stage if stage else exp
-    (stage_dir / "predictions").mkdir(parents=True, exist_ok=True)
-    (exp / "search_space.yaml").write_text(yaml.safe_dump({"metric": "val_loss", "mode": "min"}))
+    exp = experiment.Experiment.create(make_plan(), root)
     y_val = rng.integers(0, 3, n_val)
     y_test = rng.integers(0, 3, n_test)
     rows = []
@@ -49,14 +53,18 @@ def make_experiment(root: Path, *, n_trials: int = 4, n_val: int = 120, n_test: 
         test = synthetic_predictions(y_test, skill=0.5 + 0.4 * i, overconfidence=3.0, rng=rng)
         if test_override is not None:
             test = test_override(i, test)
-        tid = f"trial_{i:03d}"
-        np.savez(stage_dir / "predictions" / f"{tid}.npz", val_labels=y_val, val_probs=val, test_labels=y_test,
-                 test_probs=test, classes=np.array(CLASSES))
-        rows.append({"trial_id": tid, "backbone": "cnn3", "optimizer": "rmsprop", "lr": 1e-3 * (i + 1), "seed": 0,
-                     "val_loss": log_loss(y_val, val, labels=[0, 1, 2]), "val_acc": accuracy_score(y_val, val.argmax(1)),
-                     "checkpoint_dir": str(stage_dir / tid / "checkpoint_best")})
-    pd.DataFrame(rows).to_parquet(stage_dir / "results.parquet")
-    return exp
+        tid = f"{i:04d}"
+        path = experiment.write_predictions(exp.path, tid, val_labels=y_val, val_probs=val, test_labels=y_test,
+                                            test_probs=test, metrics={}, model_file="best-e0001.pt")
+        # trials listed in same_config repeat trial 0's configuration with another seed
+        config = {"backbone": "cnn3", "optimizer": "rmsprop", "lr": 1e-3 * (1 if i in same_config else i + 1),
+                  "seed": i if i in same_config else 0}
+        rows.append({"trial_id": tid, **config, "config_key": experiment.config_key(config),
+                     "best_val_loss": log_loss(y_val, val, labels=[0, 1, 2]),
+                     "best_val_acc": accuracy_score(y_val, val.argmax(1)),
+                     "predictions_path": str(path), "trial_dir": str(exp.path / f"trial_{tid}")})
+    experiment.write_results(exp.path, pd.DataFrame(rows))
+    return exp.path
 
 
 def test_soft_vote_is_the_mean_of_member_probabilities():
@@ -83,7 +91,7 @@ def test_temperature_fitted_on_validation_lowers_nll_and_matches_a_grid_search()
     probs = synthetic_predictions(y, skill=1.5, overconfidence=4.0, rng=rng)  # overconfident
     t = fit_temperature(probs, y)
     assert t > 1.0  # overconfident models need softening
-    assert nll(apply_temperature(probs, t), y) < nll(probs, y)
+    assert nll(y, apply_temperature(probs, t)) < nll(y, probs)
     # Reference: scikit-learn's log loss on a fine grid of temperatures.
     grid = np.exp(np.linspace(-2, 3, 2001))
     best = grid[np.argmin([log_loss(y, apply_temperature(probs, g), labels=[0, 1, 2]) for g in grid])]
@@ -110,7 +118,7 @@ def test_ensemble_of_one_equals_its_member(tmp_path):
     exp = make_experiment(tmp_path)
     out = build_ensemble(exp, top_k=1, source="search", calibrate=False, n_resamples=50)
     best = out["members"][0]["trial_id"]
-    assert best == "trial_003"  # lowest val_loss (most skilful fake model)
+    assert best == "0003"  # lowest val_loss (most skilful fake model)
     with np.load(exp / "predictions" / f"{best}.npz") as z:
         expected = classification_metrics(z["test_labels"], z["test_probs"])
     for name, value in expected.items():
@@ -123,8 +131,9 @@ def test_build_ensemble_writes_what_predict_needs(tmp_path):
     out = build_ensemble(exp, top_k=3, source="search", weights="val", n_resamples=100)
     saved = json.loads((exp / "ensemble" / "ensemble.json").read_text())
     assert saved["classes"] == list(CLASSES)
-    assert [m["trial_id"] for m in saved["members"]] == ["trial_003", "trial_002", "trial_001"]
-    assert all(Path(m["checkpoint_dir"]).name == "checkpoint_best" for m in saved["members"])
+    assert [m["trial_id"] for m in saved["members"]] == ["0003", "0002", "0001"]
+    assert all(Path(m["checkpoint_dir"]) == exp / f"trial_{m['trial_id']}" for m in saved["members"])
+    assert all(Path(m["checkpoint_dir"]).is_absolute() for m in saved["members"])
     assert sum(m["weight"] for m in saved["members"]) == pytest.approx(1.0)
     assert saved["temperature"] == out["temperature"] > 0
     # Intervals of the rates contain their point estimate (not asserted for ECE: small-sample biased upward).
@@ -138,6 +147,18 @@ def test_build_ensemble_writes_what_predict_needs(tmp_path):
     assert (exp / "ensemble" / "confusion_matrix.png").stat().st_size > 0
     cm = np.array(saved["confusion_matrix"])
     assert cm.sum() == saved["n_test"]
+
+
+def test_search_ensemble_members_are_distinct_configurations(tmp_path):
+    # trials 3 and 2 are the two best, but 2 repeats 0's configuration... and 3 repeats it too
+    exp = make_experiment(tmp_path, n_trials=5, same_config=(0, 2, 3))
+    saved = build_ensemble(exp, top_k=3, source="search", n_resamples=20)
+    ids = [m["trial_id"] for m in saved["members"]]
+    assert ids == ["0004", "0003", "0001"]  # 3 stands for its configuration; 2 and 0 are the same one
+    keys = pd.read_parquet(exp / "results.parquet").set_index("trial_id").loc[ids, "config_key"]
+    assert keys.nunique() == 3
+    assert saved["best_single"]["trial_id"] == ids[0]  # the best single model is the top-ranked one
+    assert saved["ranking_metric"] == "val_loss"
 
 
 def test_temperature_never_sees_test_data(tmp_path):
@@ -156,7 +177,7 @@ def test_temperature_never_sees_test_data(tmp_path):
 
 def test_members_from_different_splits_are_refused(tmp_path):
     exp = make_experiment(tmp_path)
-    path = exp / "predictions" / "trial_002.npz"
+    path = exp / "predictions" / "0002.npz"
     with np.load(path) as z:
         arrays = dict(z)
     arrays["test_labels"] = np.roll(arrays["test_labels"], 1)

@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from rich.console import Console
-from test_ensemble import make_experiment
+from test_ensemble import make_experiment, make_plan
 
-from cxr_search import report, retrain
+from cxr_search import experiment, report, retrain
 from cxr_search.ensemble import build_ensemble
+from cxr_search.errors import CxrError
 from cxr_search.metrics import bootstrap_ci
 
 WARNING = "12 test images duplicate training images (dropped)"
@@ -29,11 +31,11 @@ def test_search_only_summary_has_warnings_first_and_intervals(tmp_path):
     assert text.index(WARNING) < text.index("## Search")
     assert "Retraining" not in text and "ensemble" not in text.lower()
     # The best trial's test accuracy is shown with the same bootstrap interval metrics.py gives.
-    with np.load(exp / "predictions" / "trial_003.npz") as z:
+    with np.load(exp / "predictions" / "0003.npz") as z:
         point, lo, hi = bootstrap_ci(z["test_labels"], z["test_probs"], n_resamples=1000, metrics=["acc"])["acc"]
     assert report.fmt_ci(point, lo, hi) in text
-    rows = [line for line in text.splitlines() if line.startswith("| trial_")]
-    assert [r.split("|")[1].strip() for r in rows] == ["trial_003", "trial_002", "trial_001", "trial_000"]
+    rows = [line for line in text.splitlines() if line.startswith("| 000")]
+    assert [r.split("|")[1].strip() for r in rows] == ["0003", "0002", "0001", "0000"]
 
 
 def test_study_figures_sit_beside_the_matching_variant(tmp_path):
@@ -54,7 +56,7 @@ def test_full_summary_has_every_stage(tmp_path):
     exp = _with_data_report(make_experiment(tmp_path), [])
     build_ensemble(exp, top_k=3, source="search", n_resamples=100)
     rng = np.random.default_rng(0)
-    seeds = pd.DataFrame({"config_key": "abc", "rank": 1, "source_trial_id": "trial_003", "seed": range(5),
+    seeds = pd.DataFrame({"config_key": "abc", "rank": 1, "source_trial_id": "0003", "seed": range(5),
                           "test_acc": rng.uniform(0.9, 1, 5), "test_macro_f1": rng.uniform(0.9, 1, 5)})
     retrain.write_outputs(exp / "retrain", seeds)
     text = report.build_summary(exp, n_resamples=50)
@@ -69,7 +71,26 @@ def test_full_summary_has_every_stage(tmp_path):
     assert "Soft-voting ensemble" in console.export_text()
 
 
-def test_empty_experiment_is_reported_not_a_crash(tmp_path):
-    text = report.build_summary(tmp_path)
+def test_an_experiment_without_results_is_reported_and_a_plain_folder_refused(tmp_path):
+    exp = experiment.Experiment.create(make_plan(), tmp_path)
+    text = report.build_summary(exp.path)
     assert "run a search first" in text
     assert "data integrity unknown" in text
+    with pytest.raises(CxrError, match="not an experiment folder"):
+        report.build_summary(tmp_path)
+
+
+def test_seed_table_says_when_there_are_too_few_seeds_for_an_interval(tmp_path):
+    exp = make_experiment(tmp_path)
+    seeds = pd.DataFrame({"config_key": "abc", "rank": 1, "source_trial_id": "0003", "seed": range(2),
+                          "test_acc": [0.9, 0.95]})
+    retrain.write_outputs(exp / "retrain", seeds)
+    text = report.build_summary(exp, n_resamples=20)
+    assert "n/a (fewer than 3 seeds)" in text and "[0.0000, 1.0000]" not in text
+
+
+def test_collapsed_or_missing_intervals_are_not_printed_as_certainty():
+    assert report.fmt_ci(0.65, 0.65, 0.65) == "0.6500 (interval n/a)"
+    assert report.fmt_ci(0.65, float("nan"), float("nan")) == "0.6500 (interval n/a)"
+    assert report.fmt(None) == report.fmt(float("nan")) == "n/a"
+    assert report.fmt_ci(0.5, 0.4, 0.6) == "0.5000 [0.4000, 0.6000]"

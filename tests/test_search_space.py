@@ -6,15 +6,16 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 from ray import tune
-from ray.tune.search.variant_generator import generate_variants
 
 from cxr_search.config import TrialConfig
 from cxr_search.errors import CxrError
 from cxr_search.paths import reference_dir
-from cxr_search.search.space import known, load_space, trial_fields
+from cxr_search.search.tune import tune_domain
+from cxr_search.space import known, load_space, trial_fields
 
 GOOD = """
 name: tiny
@@ -44,9 +45,13 @@ def _write(tmp_path, text: str):
 def test_shipped_spaces_load_and_sample_valid_trial_configs(name):
     spec = load_space(name)
     assert spec.metric.startswith("val_")
-    space = spec.param_space()
     # Every grid point / sample resolves to a config the trainable accepts.
-    for _, config in list(generate_variants(space))[:30]:
+    if spec.searcher == "optuna":
+        rng = np.random.default_rng(0)
+        configs = [{**spec.trial, **{p.name: p.sample(rng) for p in spec.params}} for _ in range(30)]
+    else:
+        configs = spec.planned_trials()[:30]
+    for config in configs:
         TrialConfig.from_dict(trial_fields(config))
 
 
@@ -56,7 +61,7 @@ def test_known_lists_the_shipped_spaces():
 
 def test_seed_grid_reproduces_the_study_tables_point_by_point():
     spec = load_space("seed_grid")
-    points = {cfg["variant"]: cfg for _, cfg in generate_variants(spec.param_space())}
+    points = {cfg["variant"]: cfg for cfg in spec.planned_trials()}
     finetune = pd.read_csv(reference_dir() / "study_inception_finetuning.csv", dtype={"variant": str})
     for row in finetune.itertuples():
         name = row.variant if row.variant == "sgd_baseline" else f"variant_{row.variant}"
@@ -76,7 +81,7 @@ def test_seed_grid_reproduces_the_study_tables_point_by_point():
 
 def test_domains_translate_to_tune(tmp_path):
     spec = load_space(_write(tmp_path, GOOD))
-    space = spec.param_space()
+    space = {**spec.trial, **{p.name: tune_domain(p) for p in spec.params}}
     assert isinstance(space["lr"], tune.search.sample.Float) and space["lr"].lower == 1e-4
     assert space["optimizer"].categories == ["sgd", "adam"]
     # YAML randint bounds are inclusive: 32 must be reachable.
@@ -144,10 +149,64 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
 
 
 def test_resplit_and_duplicate_policy_reach_the_data_plan(tmp_path):
-    from cxr_search.search.pipeline import plan_run
+    from cxr_search.experiment import plan_run
 
     path = _write(tmp_path, GOOD.replace("equalize: hist,", "equalize: hist, duplicate_policy: keep,"))
-    _, plan, _ = plan_run(path, resplit=True, num_samples=1)
-    assert plan["data"]["resplit"] is True and plan["data"]["duplicate_policy"] == "keep"
-    _, plan, _ = plan_run(path, num_samples=1)
-    assert plan["data"]["resplit"] is False
+    plan = plan_run(path, resplit=True, num_samples=1)
+    assert plan.data.resplit is True and plan.data.duplicate_policy == "keep"
+    assert plan_run(path, num_samples=1).data.resplit is False
+
+
+def test_numbers_in_yaml_are_numbers_however_they_are_written(tmp_path):
+    text = GOOD.replace("lr: {loguniform: [1.0e-4, 1.0e-2]}", "lr: {choice: [1e-3, 3e-4]}").replace(
+        "trial: {backbone: cnn3, max_epochs: 4}", "trial: {backbone: cnn3, max_epochs: 4, weight_decay: 1e-4}")
+    spec = load_space(_write(tmp_path, text))
+    assert spec.trial["weight_decay"] == pytest.approx(1e-4)
+    lr = next(p for p in spec.params if p.name == "lr")
+    assert lr.values == (1e-3, 3e-4)
+    fixed = load_space(_write(tmp_path, GOOD.replace("  lr: {loguniform: [1.0e-4, 1.0e-2]}\n", "").replace(
+        "trial: {backbone: cnn3, max_epochs: 4}", "trial: {backbone: cnn3, max_epochs: 4, lr: 1e-3}")))
+    assert fixed.trial["lr"] == pytest.approx(1e-3)
+
+
+def test_a_word_where_a_number_belongs_is_one_line_naming_file_and_key(tmp_path):
+    path = _write(tmp_path, GOOD.replace("trial: {backbone: cnn3, max_epochs: 4}",
+                                         "trial: {backbone: cnn3, max_epochs: 4, weight_decay: fast}"))
+    with pytest.raises(CxrError) as e:
+        load_space(path)
+    msg = str(e.value)
+    assert str(path) in msg and "weight_decay" in msg and "'fast'" in msg and "\n" not in msg
+
+
+def test_repeats_of_a_grid_point_get_distinct_seeds(tmp_path):
+    text = """
+    metric: val_loss
+    searcher: {type: grid, seed: 1}
+    scheduler: fifo
+    num_samples: 2
+    trial: {backbone: cnn3, max_epochs: 2}
+    params:
+      optimizer: {grid: [sgd, adam]}
+      lr: {loguniform: [1.0e-4, 1.0e-2]}
+    """
+    spec = load_space(_write(tmp_path, text))
+    trials = spec.planned_trials()
+    assert [t["optimizer"] for t in trials] == ["sgd", "adam", "sgd", "adam"]
+    by_point = {}
+    for t in trials:
+        by_point.setdefault(t["optimizer"], []).append(t["seed"])
+    assert all(len(set(seeds)) == 2 for seeds in by_point.values())
+    assert spec.planned_trials() == trials  # the plan is the same on every call (a resumed launch finds it)
+
+
+def test_an_optuna_space_with_nothing_to_search_is_refused_before_ray(tmp_path):
+    text = GOOD[: GOOD.index("params:")] + "params: {}\n"
+    with pytest.raises(CxrError, match="searcher optuna needs at least one setting under 'params'"):
+        load_space(_write(tmp_path, text))
+
+
+def test_a_binary_file_is_not_a_search_space(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CxrError, match="not a text file"):
+        load_space(path)

@@ -1,16 +1,29 @@
-"""Ray Tune wiring: the function trainable around `engine.fit`, Optuna + ASHA, stages, restore and finalize.
+"""Ray Tune wiring: the function trainable around `engine.fit`, Optuna + ASHA, one Tune run per launch.
 
 The data set is shipped once to the object store with `tune.with_parameters`; every trial reads the same
 uint8 arrays (never decodes images). Trials report validation metrics only; test metrics are computed by
-`finalize` after a stage ends, from each trial's best-validation weights, and never feed the search.
+`experiment.finalize` after a stage ends, from each trial's best-validation weights, and never feed the search.
+
+Crash consistency. Ray's own experiment snapshot is written every few seconds and copied to storage in the
+background, while the Optuna journal, the trial folders and our event log are written as things happen: after a
+kill the snapshot is the oldest of these records, and `Tuner.restore` would trust it (a trial that finished after
+the snapshot would be resumed and report to a finished Optuna trial). So this module never restores Ray's
+snapshot. Every launch (`run`, `resume`) is a new Tune run over what our own records say is left:
+- a trial is named by a stable key (Optuna's trial number, or its index in the planned grid, or config+seed
+  for retraining), and its folder `trial_<key>` is its model folder: a later launch's trial with the same key
+  continues in the same folder from its resume state (`engine.fit(checkpoint_dir=...)`);
+- trials that ended (finished, stopped by ASHA, failed every retry) are never run or reported to again;
+- the Optuna journal is reconciled with the folders and the event log before a launch (`reconcile_journal`):
+  a cut tail is repaired, trials that ended without the journal hearing of it are told, and trials the journal
+  holds as RUNNING are handed out again, with their parameters, to the launch's first trials.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +33,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from cxr_search import experiment, interrupt, storage
 from cxr_search.config import TrialConfig
 from cxr_search.data.prepare import PreparedData
-from cxr_search.search import results
-from cxr_search.search.space import SearchSpec, trial_fields
+from cxr_search.errors import CxrError
+from cxr_search.experiment import Objective
+from cxr_search.space import LABEL_KEYS, ParamSpec, SearchSpec, trial_fields
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +51,11 @@ GPU_PEAK_GIB: dict[str, float] = {
     "resnet50": 2.5, "inception_v3": 2.5, "xception": 3.5, "densenet121": 2.5,
 }
 TRIAL_GPU_SHARE_MAX = 4  # never pack more than 4 trials on a GPU: throughput gains stop (DESIGN.md: 1.18x at 4)
-JOURNAL = "optuna.journal"
+KEY = "trial_key"  # the config label naming a trial's folder (see the module docstring)
+TPE_STARTUP = 10  # TPE's random startup trials (Optuna's default), drawn per trial number here
+
+
+# ---------------------------------------------------------------- resources
 
 
 def gpu_fraction(backbone: str, gpu_memory_gib: float) -> float:
@@ -52,45 +71,63 @@ class TrialResources:
         self.cpus, self.gpus, self.gpu_memory_gib = cpus, gpus, gpu_memory_gib
 
     def __call__(self, config: dict[str, Any]) -> tune.PlacementGroupFactory:
-        if self.gpus == "auto":
-            backbone = config.get("backbone", TrialConfig.backbone)
-            gpus = gpu_fraction(backbone, self.gpu_memory_gib) if self.gpu_memory_gib > 0 else 0.0
-        else:
-            gpus = float(self.gpus)
         bundle = {"CPU": self.cpus}
+        gpus = self.gpus_for(config.get("backbone", TrialConfig.backbone))
         if gpus > 0:
             bundle["GPU"] = gpus
         return tune.PlacementGroupFactory([bundle])
 
+    def gpus_for(self, backbone: str) -> float:
+        if self.gpus == "auto":
+            return gpu_fraction(backbone, self.gpu_memory_gib) if self.gpu_memory_gib > 0 else 0.0
+        return float(self.gpus)
 
-def train_trial(config: dict[str, Any], data: PreparedData, checkpoint_every: int = 1) -> None:
-    """Tune function trainable: one `engine.fit`, reporting every epoch, checkpointing every k epochs.
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpus_for(TrialConfig.backbone) > 0
+
+
+def trial_resources(spec: SearchSpec) -> TrialResources:
+    return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib())
+
+
+# ---------------------------------------------------------------- the trainable
+
+
+def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: str, mode: str,
+                checkpoint_every: int = 1, checkpoint_every_s: float | None = None,
+                faults: tuple = ()) -> None:
+    """Tune function trainable: one `engine.fit` into the trial's folder, reporting every epoch.
 
     Args:
-        config: Tune's resolved trial config (TrialConfig fields plus labels such as `variant`).
+        config: Tune's resolved trial config (TrialConfig fields plus labels such as `variant`, `trial_key`).
         data: the prepared arrays, shipped once by `tune.with_parameters`.
-        checkpoint_every: epochs between checkpoints; the last epoch always writes one.
+        stage: the stage folder; the trial's model folder is `stage/trial_<trial_key>`.
+        metric, mode: the objective; every report carries the trial's best value so far as `best_<metric>`.
+        checkpoint_every, checkpoint_every_s: how often resume states are written (`engine.fit`).
+        faults: test-only fault injection (from `$CXR_SEARCH_FAULTS` in the driver).
     """
     from cxr_search import engine
 
     cfg = TrialConfig.from_dict(trial_fields(config), source="Tune trial config")  # built once
+    folder = Path(stage) / f"{experiment.TRIAL_PREFIX}{config[KEY]}"
+    objective = Objective(metric, mode)
+    saved = storage.read_json(folder / engine.CONFIG_FILE) if (folder / engine.CONFIG_FILE).is_file() else None
+    if saved is not None and TrialConfig.from_dict(saved, source=str(folder)) != cfg:
+        raise CxrError(f"{folder} holds a different configuration than trial {config[KEY]}; move it away.")
 
-    def report(metrics: dict[str, Any], write_checkpoint) -> None:
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("test")}  # test never reaches Tune
-        if metrics.get("stop_reason") or int(metrics["epoch"]) % checkpoint_every == 0:
-            with tempfile.TemporaryDirectory(prefix="cxr-ckpt-") as d:
-                write_checkpoint(Path(d))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        else:
-            tune.report(metrics)
+    def report(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        best = objective.best(h.get(metric) for h in history)
+        tune.report({**metrics, objective.column: best})
 
-    checkpoint = tune.get_checkpoint()
+    state = engine.read_resume_state(folder, metadata_only=True)
+    if state is not None and state["finished"] and state["history"]:
+        # Ended in an earlier attempt that died before Tune heard of it: tell Tune its last epoch, train nothing.
+        report(dict(state["history"][-1]), list(state["history"]))
+        return
     try:
-        if checkpoint is None:
-            engine.fit(cfg, data, report=report)
-        else:
-            with checkpoint.as_directory() as d:
-                engine.fit(cfg, data, report=report, resume_from=Path(d))
+        engine.fit(cfg, data, report=report, checkpoint_dir=folder, checkpoint_every=checkpoint_every,
+                   checkpoint_every_s=checkpoint_every_s, faults=faults)
     finally:
         _free_gpu_memory()
 
@@ -102,70 +139,370 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class PruneAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that records trials stopped by ASHA as PRUNED (Ray's records them as COMPLETE).
+# ---------------------------------------------------------------- the event log (driver side)
 
-    Ray calls `on_trial_complete` with the last result for both finished and scheduler-stopped trials. The
-    trainable's `stop_reason` tells them apart: empty means the trial did not end on its own. A PRUNED trial
-    keeps its last value as an intermediate value, which TPE uses. On restore, trials the journal holds as
-    RUNNING but the searcher never told (asked after the driver's last snapshot) are marked FAIL.
+
+class TrialEventLog(tune.Callback):
+    """Records each trial's start, end and errors in the stage's `trials.jsonl` the moment Tune learns of them.
+
+    Trials a stopped run leaves behind (Ctrl-C, SIGTERM) get no event: they did not end, `resume` continues them.
     """
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
-        if known and not error and result is not None and self.metric in result:
-            self._report_step(trial_id, result)  # Tune skips on_trial_result for the result that stops a trial
-            if result.get("stop_reason", "") == "":
-                from optuna.trial import TrialState
+    def __init__(self, stage_dir: Path):
+        self.stage_dir = Path(stage_dir)
 
-                self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
-                return
-        super().on_trial_complete(trial_id, result=result, error=error)
+    def _record(self, trial: Any, event: str, **info: Any) -> None:
+        experiment.record_trial_event(self.stage_dir, str(trial.config[KEY]), event,
+                                      tune_trial_id=trial.trial_id, **info)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, "start")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, "retry", error=_first_error_line(trial))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        self._record(trial, "complete", epoch=last.get("epoch"), stop_reason=last.get("stop_reason", ""))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, "error", error=_first_error_line(trial))
+
+
+def _first_error_line(trial: Any) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "trial failed"
+
+
+# ---------------------------------------------------------------- Optuna
+
+
+class ReplayingOptunaSearch(OptunaSearch):
+    """OptunaSearch that names trials by Optuna's trial number and continues a study across launches.
+
+    - `suggest` first hands out the Optuna trials a previous launch left RUNNING (`pending`), with their own
+      parameters, then asks new ones; the config's `trial_key` is the Optuna number (the trial's folder).
+    - TPE's first `n_startup` trials are random draws; here trial number n draws from a generator seeded with
+      (seed, n) and is enqueued before it is asked, so an interrupted and resumed search, or one whose trials
+      finish in another order, starts with exactly the trials of an uninterrupted one. Later trials are TPE's.
+    - Steps are the trial's own epochs (`epoch`, not Tune's iteration), so epochs repeated after a retry or in a
+      later launch are not reported twice; a trial the journal holds as finished is never reported to or told.
+    - A finished trial is told its best validation value (`best_<metric>`, what results.parquet and the ranking
+      use), not its last epoch's; a trial ASHA stopped (no `stop_reason` of its own) is told PRUNED.
+    """
+
+    def __init__(self, *args: Any, pending: tuple[int, ...] = (), params: tuple[ParamSpec, ...] = (),
+                 seed: int = 0, n_startup: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._pending = list(pending)
+        self._params, self._draw_seed, self._n_startup = params, seed, n_startup
+
+    def suggest(self, trial_id: str) -> dict | None:
+        import numpy as np
+        import optuna
+        from optuna.trial import TrialState
+
+        if trial_id not in self._ot_trials and self._pending:
+            number = self._pending.pop(0)
+            frozen = self._ot_study.get_trials(deepcopy=False)[number]
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, frozen._trial_id)
+        elif trial_id not in self._ot_trials and self._ot_study is not None:
+            trials = self._ot_study.get_trials(deepcopy=False)
+            number = len(trials)
+            waiting = any(t.state == TrialState.WAITING for t in trials)  # enqueued by a launch that died
+            if number < self._n_startup and not waiting:
+                rng = np.random.default_rng([self._draw_seed, number])
+                self._ot_study.enqueue_trial({p.name: p.sample(rng) for p in self._params})
+        config = super().suggest(trial_id)
+        if config is not None:
+            config[KEY] = trial_key(self._ot_trials[trial_id].number)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+        if self._open(trial_id):
             self._report_step(trial_id, result)
 
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from optuna.trial import TrialState
+
+        if not self._open(trial_id):
+            self._completed_trials.add(trial_id)
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if error or not result or self.metric not in result:
+            state, value = (TrialState.FAIL if error else TrialState.PRUNED), None
+        else:
+            self._report_step(trial_id, result)  # Tune skips on_trial_result for the result that stops a trial
+            finished = bool(result.get("stop_reason"))
+            state = TrialState.COMPLETE if finished else TrialState.PRUNED
+            value = float(result.get(f"best_{self.metric}", result[self.metric])) if finished else None
+        if value is not None and not math.isfinite(value):
+            state, value = TrialState.FAIL, None  # a diverged trial: Optuna cannot rank NaN
+        self._ot_study.tell(ot_trial, value, state=state)
+        self._completed_trials.add(trial_id)
+
+    def _open(self, trial_id: str) -> bool:
+        """Whether the trial may still be reported to: known, and not finished in the journal (read fresh)."""
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return False
+        ot_trial = self._ot_trials[trial_id]
+        return not ot_trial.storage.get_trial(ot_trial._trial_id).state.is_finished()
+
     def _report_step(self, trial_id: str, result: dict) -> None:
-        # Steps are the trial's own epochs (not Tune's iterations), so epochs repeated after a retry are not new.
         ot_trial = self._ot_trials[trial_id]
         step = int(result.get("epoch", result["training_iteration"]))
         if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
             ot_trial.report(float(result[self.metric]), step)
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        from optuna.trial import TrialState
 
-        known = {t._trial_id for t in self._ot_trials.values()}
-        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen._trial_id not in known:
-                self._ot_study.tell(frozen.number, None, state=TrialState.FAIL)
+def trial_key(number: int) -> str:
+    return f"{number:04d}"
 
 
-def optuna_storage(stage_dir: Path) -> Any:
+def optuna_storage(journal: Path) -> Any:
     """Optuna journal file in the experiment (open it with `optuna-dashboard <exp>/optuna.journal`)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(stage_dir / JOURNAL)))
+    return JournalStorage(JournalFileBackend(str(journal)))
 
 
-def make_searcher(spec: SearchSpec, stage_dir: Path) -> Any:
-    """The search algorithm a spec names: seeded Optuna TPE (journal in the experiment), random, or grid."""
-    if spec.searcher == "optuna":
-        import optuna
+def repair_journal(journal: Path) -> bytes:
+    """Cut a journal tail a killed driver left mid-append (it would corrupt the next append); a stale lock
+    file of the dead driver is removed too. Call only when no other process writes the journal."""
+    cut = storage.repair_tail(journal)
+    if cut:
+        storage.atomic_write(journal.with_name(journal.name + ".cut"), lambda tmp: tmp.write_bytes(cut))
+        log.warning("%s: removed an incomplete last record (%d bytes, kept in %s.cut)", journal, len(cut), journal.name)
+    for lock in (journal.with_name(journal.name + ".lock"),):
+        if lock.is_symlink() or lock.exists():
+            lock.unlink()
+    return cut
 
-        return PruneAwareOptunaSearch(
-            metric=spec.metric, mode=spec.mode, study_name=stage_dir.name,
-            sampler=optuna.samplers.TPESampler(seed=spec.seed), storage=optuna_storage(stage_dir),
-        )
-    return BasicVariantGenerator(random_state=spec.seed)
+
+@dataclass(frozen=True)
+class JournalState:
+    ended: int  # trials that ended (COMPLETE, PRUNED, FAIL)
+    pending: tuple[int, ...]  # RUNNING trials to hand out again, by number
+    total: int  # every trial in the study
+
+
+def reconcile_journal(stage_dir: Path, journal: Path, study_name: str, objective: Objective,
+                      space: dict[str, Any] | None = None) -> JournalState:
+    """Bring the Optuna journal and the event log in line with the trial folders before a launch.
+
+    For each trial the journal holds as RUNNING: if its folder finished, it is told COMPLETE with its best value;
+    if the event log says the scheduler stopped it, PRUNED; if it failed every retry, FAIL (missing epochs are
+    reported first, from the folder's history). Trials still unfinished stay RUNNING and are handed out again.
+    Trials the journal ended but the event log never heard of are added to the log. A RUNNING trial whose
+    parameters were cut short by the kill (Optuna writes them one record at a time) gets the rest from its
+    enqueued values, or from the sampler, before it is handed out (`space`: the Optuna distributions).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if not journal.is_file():
+        return JournalState(0, (), 0)
+    repair_journal(journal)
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage(journal))
+    events = experiment.trial_events(stage_dir)
+    pending = []
+    for frozen in study.get_trials(deepcopy=False):
+        key = trial_key(frozen.number)
+        folder = stage_dir / f"{experiment.TRIAL_PREFIX}{key}"
+        event = events.get(key)
+        if frozen.state.is_finished():
+            if (event is None or event.get("event") not in ("complete", "error")) and folder.is_dir():
+                kind = "error" if frozen.state == TrialState.FAIL else "complete"
+                experiment.record_trial_event(stage_dir, key, kind, reconciled="from optuna.journal")
+            continue
+        end = experiment.trial_end(folder, event) if folder.is_dir() else None
+        if end is None:
+            if space and set(space) - set(frozen.params):
+                _complete_params(optuna.Trial(study, frozen._trial_id), space)
+            pending.append(frozen.number)
+            continue
+        history = experiment.read_history(folder)
+        trial = optuna.Trial(study, frozen._trial_id)
+        if objective.metric in history:
+            for epoch, value in zip(history["epoch"], history[objective.metric], strict=True):
+                if int(epoch) not in frozen.intermediate_values and math.isfinite(float(value)):
+                    trial.report(float(value), int(epoch))
+        if end == "finished":
+            best = objective.best(history[objective.metric]) if objective.metric in history else float("nan")
+            if math.isfinite(best):
+                study.tell(trial, best, state=TrialState.COMPLETE)
+            else:
+                study.tell(trial, None, state=TrialState.FAIL)
+        else:
+            study.tell(trial, None, state=TrialState.PRUNED if end == "stopped" else TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    ended = sum(t.state.is_finished() for t in trials)
+    return JournalState(ended, tuple(pending), len(trials))
+
+
+def _complete_params(trial: Any, space: dict[str, Any]) -> None:
+    """Give a trial the parameters it lacks, through Optuna's own suggest API (an enqueued value wins)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    for name, dist in space.items():
+        if name in trial.params:
+            continue
+        if isinstance(dist, CategoricalDistribution):
+            trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+
+
+# ---------------------------------------------------------------- planned trials (grid, random, retrain)
+
+
+class _PlannedValue:
+    """Tune `sample_from` callable: one field of a planned trial, looked up by its key (picklable)."""
+
+    def __init__(self, runs: dict[str, dict[str, Any]], field_name: str):
+        self.runs, self.field_name = runs, field_name
+
+    def __call__(self, config: dict[str, Any]) -> Any:  # Ray 2.60 passes the resolved config itself
+        return self.runs[config[KEY]][self.field_name]
+
+
+def planned_param_space(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A Tune grid with one point per planned trial: `trial_key` names it, every other field is looked up.
+
+    One grid over keys, not a product of domains: planned trials differ in many fields at once.
+    """
+    keys = sorted({k for r in runs.values() for k in r})
+    defaults = {f: getattr(TrialConfig, f) for f in TrialConfig.__dataclass_fields__}
+    full = {name: {k: r.get(k, defaults.get(k)) for k in keys} for name, r in runs.items()}
+    space: dict[str, Any] = {KEY: tune.grid_search(list(runs))}
+    for key in keys:
+        space[key] = tune.sample_from(_PlannedValue(full, key))
+    return space
+
+
+def ended_keys(stage_dir: Path) -> set[str]:
+    """Keys of the stage's trials that ended (finished, stopped or failed), from the folders and the event log."""
+    events = experiment.trial_events(stage_dir)
+    return {t.trial_id for t in experiment.trial_dirs(stage_dir)
+            if experiment.trial_end(t.path, events.get(t.trial_id)) is not None}
+
+
+# ---------------------------------------------------------------- one stage = one Tune run per launch
+
+
+@dataclass
+class StageOptions:
+    """How a stage's trials run (from the space; retrain uses the same)."""
+
+    objective: Objective
+    resources: TrialResources
+    scheduler: Any = None  # a Tune scheduler; None: FIFO
+    max_concurrent_trials: int | None = None
+    checkpoint_every: int = 1
+    checkpoint_every_s: float | None = None
+    max_failures: int = 2
+    verbose: int = 1
+    reporter: Any = None
+    reuse_actors: bool | None = None  # None: reuse trial processes only for CPU trials (a GPU trial's memory is
+    # freed for sure only when its process ends)
+
+
+def run_optuna_stage(stage_dir: Path, spec: SearchSpec, data: PreparedData, options: StageOptions,
+                     study_name: str) -> int:
+    """Run (or continue) an Optuna search in `stage_dir` until `spec.num_samples` trials have ended.
+
+    Returns:
+        The number of trials this launch ran (0 when the stage had already ended).
+    """
+    import optuna
+
+    journal = stage_dir / experiment.JOURNAL_FILE
+    space = optuna_space(spec)
+    state = reconcile_journal(stage_dir, journal, study_name, options.objective, space)
+    remaining = spec.num_samples - state.ended
+    if remaining <= 0:
+        return 0
+    searcher = ReplayingOptunaSearch(
+        space=space, metric=spec.metric, mode=spec.mode, study_name=study_name,
+        # TPE's own seed changes per launch (fixed by the study's size: a resumed launch must not replay the
+        # first one's draws); its random startup trials are drawn per trial number instead (see the class).
+        sampler=optuna.samplers.TPESampler(seed=spec.seed + state.total, n_startup_trials=TPE_STARTUP),
+        storage=optuna_storage(journal), pending=state.pending, params=spec.params, seed=spec.seed,
+        n_startup=TPE_STARTUP,
+    )
+    _fit(stage_dir, data, dict(spec.trial), searcher, remaining, options)  # fixed settings ride in the config
+    return remaining
+
+
+def optuna_space(spec: SearchSpec) -> dict[str, Any]:
+    """The searched domains as Optuna distributions (fixed settings travel in the config, not the study)."""
+    return OptunaSearch.convert_search_space({p.name: tune_domain(p) for p in spec.params})
+
+
+def run_planned_stage(stage_dir: Path, runs: dict[str, dict[str, Any]], data: PreparedData,
+                      options: StageOptions) -> int:
+    """Run (or continue) the planned trials `runs` (key -> config) in `stage_dir` that have not ended.
+
+    Returns:
+        The number of trials this launch ran.
+    """
+    todo = {k: v for k, v in runs.items() if k not in ended_keys(stage_dir)}
+    if not todo:
+        return 0
+    fixed = {**planned_param_space(todo)}
+    searcher = BasicVariantGenerator(max_concurrent=options.max_concurrent_trials or 0, random_state=0)
+    _fit(stage_dir, data, fixed, searcher, 1, options, concurrency_in_searcher=True)
+    return len(todo)
+
+
+def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searcher: Any, num_samples: int,
+         options: StageOptions, concurrency_in_searcher: bool = False) -> None:
+    from cxr_search import engine
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    trainable = tune.with_parameters(
+        train_trial, data=data, stage=str(stage_dir), metric=options.objective.metric,
+        mode=options.objective.mode, checkpoint_every=options.checkpoint_every,
+        checkpoint_every_s=options.checkpoint_every_s, faults=engine.faults_from_env())
+    if options.reporter is not None:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # CLIReporter is only honoured by Tune's classic output
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, options.resources),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=options.objective.metric, mode=options.objective.mode, search_alg=searcher,
+            scheduler=options.scheduler or FIFOScheduler(), num_samples=num_samples,
+            max_concurrent_trials=None if concurrency_in_searcher else options.max_concurrent_trials,
+            reuse_actors=(not options.resources.uses_gpu) if options.reuse_actors is None else options.reuse_actors,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=stage_dir.name, storage_path=str(stage_dir.parent), verbose=options.verbose,
+            progress_reporter=options.reporter, callbacks=[TrialEventLog(stage_dir)],
+            failure_config=tune.FailureConfig(max_failures=max(1, options.max_failures)),
+            # Checkpoints are our own model folders (see the module docstring); Ray keeps none.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    with interrupt.tune_run():
+        tuner.fit()
+
+
+def trial_dirname(trial: Any) -> str:
+    """A trial's folder is named by its stable key (`trial_0003`), the same in every launch."""
+    return f"{experiment.TRIAL_PREFIX}{trial.config[KEY]}"
 
 
 def make_scheduler(spec: SearchSpec) -> Any:
-    """ASHA on epochs (a trial's own `epoch`, so a retried trial keeps its rung), or FIFO."""
+    """ASHA on epochs (a trial's own `epoch`, so a resumed trial keeps its rung), or FIFO."""
     s = spec.scheduler
     if s.kind == "fifo":
         return FIFOScheduler()
@@ -173,24 +510,57 @@ def make_scheduler(spec: SearchSpec) -> Any:
                          reduction_factor=s.reduction_factor)
 
 
+def tune_domain(p: ParamSpec) -> Any:
+    """The Ray Tune domain of a searched setting."""
+    if p.domain == "choice":
+        return tune.choice(list(p.values))
+    if p.domain == "grid":
+        return tune.grid_search(list(p.values))
+    if p.domain == "loguniform":
+        return tune.loguniform(*p.values)
+    if p.domain == "uniform":
+        return tune.uniform(*p.values)
+    if p.domain == "randint":
+        return tune.randint(p.values[0], p.values[1] + 1)  # YAML bounds are inclusive
+    return p.values[0]
+
+
+def stage_options(spec: SearchSpec, *, scheduler: Any = None, resources: TrialResources | None = None,
+                  verbose: int = 1, reporter: Any = None) -> StageOptions:
+    return StageOptions(
+        objective=Objective(spec.metric, spec.mode), resources=resources or trial_resources(spec),
+        scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials,
+        checkpoint_every=spec.checkpoint_every, checkpoint_every_s=spec.checkpoint_every_s,
+        max_failures=spec.max_failures, verbose=verbose, reporter=reporter)
+
+
+# ---------------------------------------------------------------- Ray itself
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              quiet: bool = True) -> None:
     """Start a local Ray (dashboard off, bound to 127.0.0.1 if on) or join a cluster (`auto`, `ray://host:10001`)."""
     if ray.is_initialized():
         return
-    # Save the experiment state every 2 s, not Tune's 10 s, so a killed driver loses little on resume.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Our SIGINT/SIGTERM handler asks Tune to stop (SIGUSR1) and remembers which signal it was.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
-        ray.init(address=address, log_to_driver=not quiet)
+        try:
+            ray.init(address=address, log_to_driver=not quiet)
+        except ConnectionError as e:
+            raise CxrError(f"--address {address}: no Ray cluster answered ({' '.join(str(e).split())[:200]}); "
+                           "start one with `ray up cluster.yaml` (or `ray start --head`), or leave --address out "
+                           "to run on this machine.") from None
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
+    interrupt.reinstall()
 
 
 def cluster_gpu_memory_gib() -> float:
     """Memory of one GPU of this machine, GiB (0 without a GPU); used for `gpu: auto` bookkeeping."""
-    if ray.cluster_resources().get("GPU", 0) <= 0:
+    if not ray.is_initialized() or ray.cluster_resources().get("GPU", 0) <= 0:
         return 0.0
     import torch
 
@@ -199,157 +569,6 @@ def cluster_gpu_memory_gib() -> float:
     return 80.0  # a cluster whose driver has no GPU: assume an 80 GiB card
 
 
-def run_stage(
-    stage_dir: Path,
-    param_space: dict[str, Any],
-    data: PreparedData,
-    *,
-    metric: str = "val_loss",
-    mode: str = "min",
-    search_alg: Any = None,
-    scheduler: Any = None,
-    num_samples: int = 1,
-    max_concurrent_trials: int | None = None,
-    resources: TrialResources | dict[str, float] | None = None,
-    checkpoint_every: int = 1,
-    max_failures: int = 2,
-    storage: str | None = None,
-    reporter: Any = None,
-    verbose: int = 1,
-    reuse_actors: bool | None = None,
-) -> tune.ResultGrid:
-    """Run one Tune stage (search or retrain) into `stage_dir`, or continue it if it was interrupted.
-
-    Args:
-        stage_dir: the stage's experiment folder (`storage/name`); Ray writes its trial folders here.
-        param_space: Tune param_space (TrialConfig fields, domains, grid searches, labels).
-        data: prepared arrays, put in the object store once.
-        metric, mode: validation metric the searcher and scheduler optimise.
-        search_alg: a Tune searcher (None: Tune's grid/random variant generator).
-        scheduler: a Tune scheduler (None: FIFO).
-        num_samples: samples (per grid point).
-        max_concurrent_trials: trial slots; ASHA needs >= 2 to compare trials while they run.
-        resources: per-trial resources (TrialResources or a dict such as {"cpu": 1}).
-        checkpoint_every: epochs between checkpoints.
-        max_failures: retries of a crashed trial, each from its last checkpoint.
-        storage: a remote `storage_path` (s3://...) for Ray's files; None: `stage_dir.parent`.
-        reporter: a Tune CLIReporter for the live table (None: Tune's default output).
-        verbose: Tune verbosity (0 silent, 1 status table).
-        reuse_actors: keep trial processes between trials (None: only for CPU trials; GPU trials get a
-            fresh process each so a stopped trial's GPU memory is really freed).
-    """
-    stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    resources = _resources(resources)
-    trainable = _trainable(data, resources, checkpoint_every)
-    storage_path = storage or str(stage_dir.parent.resolve())
-    experiment = f"{storage_path.rstrip('/')}/{stage_dir.name}"
-    if reporter is not None:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # CLIReporter is only honoured by Tune's classic output
-    if tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler or FIFOScheduler(),
-                num_samples=num_samples, max_concurrent_trials=max_concurrent_trials,
-                reuse_actors=reuse_actors if reuse_actors is not None else not trainable_uses_gpu(resources),
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=stage_dir.name, storage_path=storage_path, verbose=verbose, progress_reporter=reporter,
-                failure_config=tune.FailureConfig(max_failures=max(1, max_failures)),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            ),
-        )
-    grid = tuner.fit()
-    _write_trial_status(stage_dir, grid)
-    return grid
-
-
-def trial_dirname(trial: Any) -> str:
-    """Short trial folder names (`trial_<id>`): the config is in params.json, not in the path."""
-    return f"trial_{trial.trial_id}"
-
-
-def trainable_uses_gpu(resources: TrialResources) -> bool:
-    return resources.gpus == "auto" and resources.gpu_memory_gib > 0 or (
-        resources.gpus != "auto" and float(resources.gpus) > 0)
-
-
-def _resources(resources: Any) -> TrialResources:
-    if resources is None:
-        resources = {"cpu": 1}
-    if isinstance(resources, dict):
-        resources = TrialResources(resources.get("cpu", 1), resources.get("gpu", 0))
-    return resources
-
-
-def _trainable(data: PreparedData, resources: TrialResources, checkpoint_every: int) -> Any:
-    fn = tune.with_parameters(train_trial, data=data, checkpoint_every=checkpoint_every)
-    return tune.with_resources(fn, resources)
-
-
-def _write_trial_status(stage_dir: Path, grid: tune.ResultGrid) -> None:
-    """Record each trial's final Tune status (results.py reads it without Ray)."""
-    status = {}
-    for r in grid:
-        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
-        status[trial_id] = {"status": "error" if r.error else "terminated", "path": Path(r.path).name,
-                            "error": str(r.error).splitlines()[0][:300] if r.error else ""}
-    (stage_dir / "trial_status.json").write_text(json.dumps(status, indent=2))
-
-
-def finalize(stage_dir: Path, data: PreparedData, *, device: str | None = None) -> Any:
-    """Predict val and test with every trial's best-validation weights; write predictions and results.parquet.
-
-    For each trial folder the latest checkpoint is loaded with `engine.load_best_model` (best validation
-    weights), its val and test probabilities go to `predictions/<trial_id>.npz` and its metrics to
-    `predictions/<trial_id>.json`. Test metrics are computed here, after the stage, and never feed a search.
-    Trials already finalized from the same checkpoint are skipped, so finalize can be rerun.
-
-    Args:
-        stage_dir: a stage folder written by `run_stage`.
-        data: the same prepared data the stage trained on.
-        device: torch device for prediction (None: CUDA if available, else CPU).
-
-    Returns:
-        The tidy per-trial DataFrame (also written to `stage_dir/results.parquet`).
-    """
-    import numpy as np
-
-    from cxr_search import engine
-    from cxr_search.metrics import classification_metrics
-
-    stage_dir = Path(stage_dir)
-    out = stage_dir / "predictions"
-    out.mkdir(exist_ok=True)
-    for trial in results.trial_dirs(stage_dir):
-        ckpt = results.latest_checkpoint(trial.path)
-        if ckpt is None:
-            continue
-        done = out / f"{trial.trial_id}.json"
-        if done.exists() and json.loads(done.read_text()).get("checkpoint") == ckpt.name:
-            continue
-        model, cfg = engine.load_best_model(ckpt)
-        val_probs = engine.predict_proba(model, data.val.images, cfg=cfg, device=device)
-        test_probs = engine.predict_proba(model, data.test.images, cfg=cfg, device=device)
-        np.savez_compressed(
-            out / f"{trial.trial_id}.npz", val_labels=data.val.labels, val_probs=val_probs,
-            test_labels=data.test.labels, test_probs=test_probs, classes=np.array(data.classes),
-        )
-        metrics = {"checkpoint": ckpt.name,
-                   "val": _jsonable(classification_metrics(data.val.labels, val_probs)),
-                   "test": _jsonable(classification_metrics(data.test.labels, test_probs))}
-        done.write_text(json.dumps(metrics, indent=2))
-        del model
-        _free_gpu_memory()
-    df = results.build(stage_dir)
-    results.write(df, stage_dir)
-    return df
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in d.items()}
+def labels_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The label part of a trial config (`variant`, `trial_key`)."""
+    return {k: v for k, v in config.items() if k in LABEL_KEYS}

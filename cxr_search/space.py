@@ -1,47 +1,57 @@
 """Search spaces as data: one loader turns `search_spaces/*.yaml` into a validated, frozen `SearchSpec`.
 
 Everything a user can get wrong in a YAML file is caught here, before Ray starts, with a message that
-names the file, the key and the fix. Tune domains are built later (`SearchSpec.param_space()`), so this
-module imports Ray only inside that method.
+names the file, the key and the fix. No Ray here: `search/tune.py` turns a spec into Tune domains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from cxr_search.config import CHOICES, TrialConfig
 from cxr_search.errors import CxrError
+from cxr_search.metrics import VALIDATION_METRICS as VAL_METRICS
 from cxr_search.paths import search_spaces_dir
 
-# Validation metrics the engine reports every epoch; test metrics are never reported to Tune.
-VAL_METRICS: dict[str, str] = {
-    "val_loss": "min",
-    "val_acc": "max",
-    "val_macro_f1": "max",
-    "val_normal_recall": "max",
-    "val_covid_recall_vs_pneumonia": "max",
-}
 DOMAINS = ("choice", "loguniform", "uniform", "randint", "grid", "constant")
 SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
 # Keys a search space may put in a trial's config that are labels, not TrialConfig fields.
-LABEL_KEYS = ("variant",)
+LABEL_KEYS = ("variant", "trial_key")
 
 TOP_KEYS = (
     "name", "description", "metric", "mode", "searcher", "scheduler", "num_samples", "max_concurrent_trials",
-    "resources", "checkpoint_every", "max_failures", "data", "trial", "params", "variants", "cpu_budget",
+    "resources", "checkpoint_every", "checkpoint_every_s", "max_failures", "data", "trial", "params", "variants", "cpu_budget",
 )
 DATA_KEYS = ("size", "equalize", "val_fraction", "n_images", "seed", "resplit", "duplicate_policy")
 CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_epochs", "grace_period", "max_concurrent_trials",
                    "top_k", "seeds", "retrain_max_epochs", "params", "trial")
 
 _TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
+
+
+class _SpaceLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that reads `1e-3` as a number, as YAML 1.2 does (PyYAML follows YAML 1.1, where a float
+    needs a dot: `1e-3` would be the string "1e-3", and that is how most people write a learning rate)."""
+
+
+_SpaceLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
 
 
 @dataclass(frozen=True)
@@ -52,20 +62,17 @@ class ParamSpec:
     domain: str  # one of DOMAINS
     values: tuple[Any, ...]  # choice/grid: the options; loguniform/uniform/randint: (low, high); constant: (v,)
 
-    def to_tune(self) -> Any:
-        """The Ray Tune domain for this parameter (imports Ray)."""
-        from ray import tune
-
-        if self.domain == "choice":
-            return tune.choice(list(self.values))
-        if self.domain == "grid":
-            return tune.grid_search(list(self.values))
+    def sample(self, rng: np.random.Generator) -> Any:
+        """One draw (random and grid searches plan their trials with this; grid values are enumerated instead)."""
+        if self.domain in ("choice", "grid"):
+            return self.values[int(rng.integers(len(self.values)))]
         if self.domain == "loguniform":
-            return tune.loguniform(*self.values)
+            lo, hi = np.log(self.values[0]), np.log(self.values[1])
+            return float(np.exp(rng.uniform(lo, hi)))
         if self.domain == "uniform":
-            return tune.uniform(*self.values)
+            return float(rng.uniform(*self.values))
         if self.domain == "randint":
-            return tune.randint(self.values[0], self.values[1] + 1)  # YAML bounds are inclusive
+            return int(rng.integers(self.values[0], self.values[1] + 1))  # YAML bounds are inclusive
         return self.values[0]
 
 
@@ -91,8 +98,8 @@ class SearchSpec:
     num_samples: int
     max_concurrent_trials: int | None
     cpus_per_trial: float
-    gpus_per_trial: str | float  # "auto" (from GPU_MEMORY_FRACTION) or a fixed fraction
-    checkpoint_every: int  # epochs between checkpoints (the last epoch always checkpoints)
+    gpus_per_trial: str | float  # "auto" (a fraction from the backbone's measured peak memory) or a fixed one
+    checkpoint_every: int  # epochs between resume states (the last epoch always writes one)
     max_failures: int
     data: dict[str, Any]
     trial: dict[str, Any]  # fixed TrialConfig fields
@@ -101,41 +108,41 @@ class SearchSpec:
     cpu_budget: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML as loaded, written back as run
-
-    def param_space(self) -> dict[str, Any]:
-        """The Tune param_space: fixed settings, searched domains and (for variants) a grid over variant names."""
-        from ray import tune
-
-        space: dict[str, Any] = dict(self.trial)
-        for p in self.params:
-            space[p.name] = p.to_tune()
-        if self.variants:
-            table = dict(self.variants)
-            space["variant"] = tune.grid_search([name for name, _ in self.variants])
-            for key in sorted({k for _, v in self.variants for k in v}):
-                default = self.trial.get(key, getattr(TrialConfig, key))
-                space[key] = tune.sample_from(_VariantValue(table, key, default))
-        return space
+    checkpoint_every_s: float | None = None  # also seconds between resume states; None: automatic (<= ~10% cost)
 
     def replace(self, **changes: Any) -> SearchSpec:
         return dataclasses.replace(self, **changes)
 
-    def with_trial(self, **fixed: Any) -> SearchSpec:
-        """A copy with fixed trial settings changed (a fixed setting replaces a searched one of the same name)."""
-        for key, value in fixed.items():
-            _check_trial_value(key, value, f"{self.source}: trial")
-        params = tuple(p for p in self.params if p.name not in fixed)
-        return dataclasses.replace(self, trial={**self.trial, **fixed}, params=params)
+    def planned_trials(self) -> list[dict[str, Any]]:
+        """Every trial of a grid or random search, as concrete configs (fixed settings, labels, sampled values).
 
-
-class _VariantValue:
-    """Tune `sample_from` callable: the value of one setting for the grid point's named variant."""
-
-    def __init__(self, table: dict[str, dict[str, Any]], key: str, default: Any):
-        self.table, self.key, self.default = table, key, default
-
-    def __call__(self, spec: Any) -> Any:
-        return self.table[spec.config["variant"]].get(self.key, self.default)
+        Order: variants x grid domains (in file order), the whole grid repeated `num_samples` times; random
+        domains are drawn per trial from a generator seeded with the searcher seed, so the list is the same on
+        every call (a resumed launch finds its trials in it). Repeats of a grid point get distinct seeds unless
+        `seed` is searched. Written here rather than with Tune's variant generator because the plan must exist
+        before Ray starts and be recomputable without it.
+        """
+        if self.searcher == "optuna":
+            raise ValueError("an Optuna search draws its trials as it goes; it has no plan")
+        rng = np.random.default_rng(self.seed)
+        grid_params = [p for p in self.params if p.domain == "grid"]
+        points: list[dict[str, Any]] = [{}]
+        if self.variants:
+            points = [{"variant": name, **settings} for name, settings in self.variants]
+        for p in grid_params:
+            points = [{**point, p.name: v} for point in points for v in p.values]
+        distinct_seeds = self.num_samples > 1 and "seed" not in {p.name for p in self.params}
+        out = []
+        for _ in range(self.num_samples):
+            for point in points:
+                trial = {**self.trial, **point}
+                for p in self.params:
+                    if p.domain != "grid":
+                        trial[p.name] = p.sample(rng)
+                if distinct_seeds:
+                    trial["seed"] = int(rng.integers(0, 2**31 - 1))
+                out.append(trial)
+        return out
 
 
 def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -178,9 +185,11 @@ def load_space(name_or_path: str | Path) -> SearchSpec:
     path = resolve(name_or_path)
     src = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError:
+        raise CxrError(f"{src}: not a text file; a search space is a YAML file (see search_spaces/).") from None
     except yaml.YAMLError as e:
-        raise CxrError(f"{src}: not valid YAML ({e}).") from None
+        raise CxrError(f"{src}: not valid YAML ({' '.join(str(e).split())}).") from None
     if not isinstance(raw, dict):
         raise CxrError(f"{src}: expected a mapping of settings at the top level, got {type(raw).__name__}.")
     return parse_space(raw, src)
@@ -245,6 +254,9 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         raise CxrError(f"{src}: {', '.join(both)} is both fixed under 'trial' and searched under 'params'; keep one.")
 
     variants = _parse_variants(raw.get("variants"), src)
+    if searcher == "optuna" and not params:
+        raise CxrError(f"{src}: searcher optuna needs at least one setting under 'params' to search; "
+                       "with nothing to search use searcher: random (num_samples repeats the fixed trial).")
     has_grid = any(p.domain == "grid" for p in params) or bool(variants)
     if searcher == "optuna" and has_grid:
         raise CxrError(f"{src}: grid domains and variants need searcher: grid (Optuna samples, it cannot enumerate a grid).")
@@ -285,6 +297,10 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
     if max_conc is not None:
         max_conc = _get(raw, "max_concurrent_trials", int, src, None)
     checkpoint_every = _get(raw, "checkpoint_every", int, src, 1)
+    checkpoint_every_s = _get(raw, "checkpoint_every_s", float, src, None)
+    if checkpoint_every_s is not None and checkpoint_every_s < 0:
+        raise CxrError(f"{src}: checkpoint_every_s must be >= 0 seconds (leave it out for automatic), "
+                       f"got {checkpoint_every_s}.")
     max_failures = _get(raw, "max_failures", int, src, 2)
     for key, value, lo in (("num_samples", num_samples, 1), ("checkpoint_every", checkpoint_every, 1),
                            ("max_failures", max_failures, 1), ("max_concurrent_trials", max_conc or 1, 1)):
@@ -304,6 +320,7 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         cpus_per_trial=cpus,
         gpus_per_trial=gpus if gpus == "auto" else float(gpus),
         checkpoint_every=checkpoint_every,
+        checkpoint_every_s=checkpoint_every_s,
         max_failures=max_failures,
         data=dict(data),
         trial=dict(trial),
@@ -392,22 +409,12 @@ def _get(d: dict, key: str, kind: type, src: str, default: Any, section: str = "
     value = d[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        except ValueError:
-            pass
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise CxrError(f"{src}: {name} must be {kind.__name__}, got {value!r} ({type(value).__name__}).")
     return value
 
 
 def _number(value: Any, kind: type, where: str, domain: str) -> float | int:
-    if isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        except ValueError:
-            raise CxrError(f"{where}.{domain}: '{value}' is not a number.") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CxrError(f"{where}.{domain}: {value!r} is not a number.")
     if kind is int:

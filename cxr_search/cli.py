@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Generate, check and inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+weights_app = typer.Typer(help="Stage ImageNet weights once, so runs with `pretrained: imagenet` work offline.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 
 # Logs and pipes get 160 columns (rich would wrap the study tables at 80); a terminal keeps its own width.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -62,6 +65,45 @@ def data_check(
         report.write_json(json_out)
     if strict and report.cross_split_leakage:
         raise typer.Exit(1)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    backbones: str = typer.Option("all", "--backbones", help="Comma-separated backbones, or 'all' (all but cnn3)."),
+    to: Path = typer.Option(None, "--to", help="Folder to stage into (default $CXR_SEARCH_WEIGHTS or <cache>/weights)."),
+    force: bool = typer.Option(False, "--force", help="Download again where weights are already staged."),
+) -> None:
+    """Download each backbone's ImageNet weights once (needs internet); runs then read them offline."""
+    from cxr_search import paths, weights
+
+    names = None if backbones.strip() == "all" else [b.strip() for b in backbones.split(",") if b.strip()]
+    staged = weights.fetch(names, root=to, force=force)
+    _print_weights(staged, f"ImageNet weights in {to or paths.weights_dir()}")
+    if to is not None and Path(to).expanduser().resolve() != paths.weights_dir().resolve():
+        console.print(f"runs read {paths.weights_dir()}: copy {to}'s contents there, or set "
+                      f"{paths.WEIGHTS_ENV}={Path(to).expanduser().resolve()} (on every node of a cluster).")
+
+
+@weights_app.command("list")
+def weights_list(
+    folder: Path = typer.Option(None, "--dir", help="Weights folder (default $CXR_SEARCH_WEIGHTS or <cache>/weights)."),
+) -> None:
+    """Which backbones have ImageNet weights staged (reads no weights, needs no network)."""
+    from cxr_search import paths, weights
+
+    _print_weights(weights.list_staged(folder), f"ImageNet weights in {folder or paths.weights_dir()}")
+
+
+def _print_weights(staged: list, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("backbone", "weights", "status", "MB"):
+        table.add_column(name, justify="right" if name == "MB" else "left")
+    for s in staged:
+        tag = s.tag or "none (trained from scratch: use pretrained: none)"
+        table.add_row(s.backbone, tag, s.status, f"{s.megabytes:.0f}" if s.megabytes else "")
+    console.print(table)
 
 
 @app.command("run")
@@ -159,7 +201,7 @@ def train(
     freeze_fraction: float = typer.Option(0.0, "--freeze-fraction", help="Fraction of the backbone frozen, 0..1."),
     head: str = typer.Option("linear", "--head", help="linear | dense | dense_dropout."),
     regularizer: str = typer.Option("none", "--regularizer", help="none | l1 | l2 | l1_l2 (Keras-style, strength 0.1)."),
-    pretrained: str = typer.Option("none", "--pretrained", help="none, a local weights file/folder, or a timm tag."),
+    pretrained: str = typer.Option("none", "--pretrained", help="none, imagenet (staged by `weights fetch`), a local weights file/folder, or a timm tag."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, batches and augmentation."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     out: Path = typer.Option(None, "--out", help="Checkpoint folder (default $CXR_SEARCH_EXPERIMENTS or experiments/, train-<backbone>-<time>)."),
@@ -172,7 +214,7 @@ def train(
 
     from rich.table import Table
 
-    from cxr_search import engine, paths
+    from cxr_search import engine, paths, weights
     from cxr_search.config import TrialConfig
     from cxr_search.data import phantoms
     from cxr_search.data.prepare import prepare
@@ -182,6 +224,11 @@ def train(
         dict(backbone=backbone, max_epochs=epochs or (2 if smoke else 100), batch_size=batch_size, optimizer=optimizer,
              lr=lr, freeze_fraction=freeze_fraction, head=head, regularizer=regularizer, pretrained=pretrained,
              seed=seed, device=device), source="cxr-search train")
+    weights.require_available([(cfg.backbone, cfg.pretrained)])  # before any data work; never downloads
+    if cfg.freeze_fraction > 0 and cfg.pretrained == "none":
+        console.print(f"[yellow]note:[/] --freeze-fraction {cfg.freeze_fraction:g} without pretrained weights "
+                      "freezes random layers that will never learn (the study froze ImageNet weights); "
+                      "add --pretrained imagenet.")
     if data is None and smoke:
         data = phantoms.default_dataset(n_images=300, size=96)  # generated once into the cache
     prepared = prepare(data, size=size, resplit=resplit, progress=True)

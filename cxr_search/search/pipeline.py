@@ -69,7 +69,7 @@ def plan_run(
         notes.append(
             "no GPU found: CPU budget from the file's cpu_budget ("
             + ", ".join(f"{k}={budget[k]}" for k in ("n_images", "size", "num_samples", "max_epochs") if k in budget)
-            + f"; retrain top {top_k} x {seeds} seeds, the study used 50)"
+            + f"; retrain top {top_k} x {seeds} seeds, the study used 50; pretrained: {(budget.get('trial') or {}).get('pretrained', (raw.get('trial') or {}).get('pretrained', 'none'))}, the study fine-tuned ImageNet weights)"
             + "; pass --num-samples/--max-epochs (and --seeds) for a full search")
     _apply_budget(raw, budget, data_dir is None)
     if num_samples is not None:

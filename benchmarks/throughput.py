@@ -123,9 +123,14 @@ def bench_direct(cfg, images, labels, device, workers, warmup, steps) -> float:
     return _timed(step, device, warmup, steps, STUDY_BATCH)  # the workers end with the loader on return
 
 
-def bench_engine(cfg, images, labels, device, warmup, steps, *, step_only: bool) -> float:
-    """The engine's path (or, with step_only, its train step on one prepared batch)."""
+def bench_engine(cfg, images, labels, device, warmup, steps, *, step_only: bool, compile_model: bool = False) -> float:
+    """The engine's path (or, with step_only, its train step on one prepared batch).
+
+    compile_model wraps the model in torch.compile (a measuring hook: its compile time falls in the warm-up).
+    """
     model = _fresh_model(cfg, device, channels_last=True).train()
+    if compile_model:
+        model = torch.compile(model)
     optimizer = engine.create_optimizer(model, cfg)
     rt = engine.Runtime.for_model(model, cfg, device)
     split = engine.DeviceSplit(SplitArrays(images, labels, labels.astype(str), labels.astype(str)), device)
@@ -138,6 +143,45 @@ def bench_engine(cfg, images, labels, device, warmup, steps, *, step_only: bool)
         engine.train_step(model, optimizer, x, y, rt, cfg)
 
     return _timed(step, device, warmup, steps, cfg.batch_size)
+
+
+def random_images(n_images: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 [N, size, size] images and balanced labels: throughput does not depend on pixel values."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n_images, size, size), dtype=np.uint8)
+    return images, (np.arange(n_images) % 3).astype(np.int64)
+
+
+def measure_backbone(
+    backbone: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: torch.device,
+    *,
+    engine_batches: tuple[int, ...] = (STUDY_BATCH,),
+    in_chans: int = 3,
+    workers: int = 1,
+    warmup: int = 5,
+    steps: int = 30,
+    step_only: bool = False,
+) -> dict:
+    """img/s of the direct port (batch 32) and of the engine at each batch size, on the same images.
+
+    Returns:
+        {"backbone", "direct_img_per_s", "engine_img_per_s": {batch: img/s}, and with step_only
+        "train_step_img_per_s": {batch: img/s}}.
+    """
+    common = dict(images=images, labels=labels, device=device, warmup=warmup, steps=steps)
+    cfg = TrialConfig(backbone=backbone, in_chans=in_chans, optimizer="sgd", device=str(device))
+    row = {"backbone": backbone,
+           "direct_img_per_s": bench_direct(cfg.replace(batch_size=STUDY_BATCH), workers=workers, **common),
+           "engine_img_per_s": {}}
+    for batch in engine_batches:
+        row["engine_img_per_s"][batch] = bench_engine(cfg.replace(batch_size=batch), step_only=False, **common)
+        if step_only:
+            step = bench_engine(cfg.replace(batch_size=batch), step_only=True, **common)
+            row.setdefault("train_step_img_per_s", {})[batch] = step
+    return row
 
 
 def main() -> None:
@@ -168,27 +212,18 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as engine.fit does on a GPU (the direct port benefits too)
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.n_images, args.size, args.size), dtype=np.uint8)
-    labels = (np.arange(args.n_images) % 3).astype(np.int64)
+    images, labels = random_images(args.n_images, args.size)
     rows = []
     for backbone in args.backbones.split(","):
-        cfg = TrialConfig(
-            backbone=backbone.strip(),
-            in_chans=args.in_chans,
-            batch_size=args.batch_size,
-            optimizer="sgd",
-            device=str(device),
+        m = measure_backbone(
+            backbone.strip(), images, labels, device, engine_batches=(args.batch_size,), in_chans=args.in_chans,
+            workers=args.workers, warmup=args.warmup, steps=args.steps, step_only=True,
         )
-        common = dict(
-            cfg=cfg, images=images, labels=labels, device=device, warmup=args.warmup, steps=args.steps
-        )
-        direct = bench_direct(workers=args.workers, **common)
-        eng = bench_engine(step_only=False, **common)
-        step = bench_engine(step_only=True, **common)
+        direct = m["direct_img_per_s"]
+        eng, step = m["engine_img_per_s"][args.batch_size], m["train_step_img_per_s"][args.batch_size]
         rows.append(
             {
-                "backbone": cfg.backbone,
+                "backbone": m["backbone"],
                 "direct_img_per_s": direct,
                 "engine_img_per_s": eng,
                 "train_step_img_per_s": step,
@@ -196,7 +231,7 @@ def main() -> None:
             }
         )
         print(
-            f"{cfg.backbone:>12}  direct {direct:9.1f}  engine {eng:9.1f}  step-only {step:9.1f}  "
+            f"{m['backbone']:>12}  direct {direct:9.1f}  engine {eng:9.1f}  step-only {step:9.1f}  "
             f"ratio {eng / direct:5.2f}",
             flush=True,
         )

@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Generate, check and inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+weights_app = typer.Typer(help="Stage ImageNet weights once, so runs with `pretrained: imagenet` work offline.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 
 # Logs and pipes get 160 columns (rich would wrap the study tables at 80); a terminal keeps its own width.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -62,6 +65,45 @@ def data_check(
         report.write_json(json_out)
     if strict and report.cross_split_leakage:
         raise typer.Exit(1)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    backbones: str = typer.Option("all", "--backbones", help="Comma-separated backbones, or 'all' (all but cnn3)."),
+    to: Path = typer.Option(None, "--to", help="Folder to stage into (default $CXR_SEARCH_WEIGHTS or <cache>/weights)."),
+    force: bool = typer.Option(False, "--force", help="Download again where weights are already staged."),
+) -> None:
+    """Download each backbone's ImageNet weights once (needs internet); runs then read them offline."""
+    from cxr_search import paths, staging
+
+    names = None if backbones.strip() == "all" else [b.strip() for b in backbones.split(",") if b.strip()]
+    staged = staging.fetch(names, root=to, force=force)
+    _print_weights(staged, f"ImageNet weights in {to or paths.weights_dir()}")
+    if to is not None and Path(to).expanduser().resolve() != paths.weights_dir().resolve():
+        console.print(f"runs read {paths.weights_dir()}: copy {to}'s contents there, or set "
+                      f"{paths.WEIGHTS_ENV}={Path(to).expanduser().resolve()} (on every node of a cluster).")
+
+
+@weights_app.command("list")
+def weights_list(
+    folder: Path = typer.Option(None, "--dir", help="Weights folder (default $CXR_SEARCH_WEIGHTS or <cache>/weights)."),
+) -> None:
+    """Which backbones have ImageNet weights staged (reads no weights, needs no network)."""
+    from cxr_search import paths, weights
+
+    _print_weights(weights.list_staged(folder), f"ImageNet weights in {folder or paths.weights_dir()}")
+
+
+def _print_weights(staged: list, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("backbone", "weights", "status", "MB"):
+        table.add_column(name, justify="right" if name == "MB" else "left")
+    for s in staged:
+        tag = s.tag or "none (trained from scratch: use pretrained: none)"
+        table.add_row(s.backbone, tag, s.status, f"{s.megabytes:.0f}" if s.megabytes else "")
+    console.print(table)
 
 
 @app.command("run")
@@ -159,7 +201,7 @@ def train(
     freeze_fraction: float = typer.Option(0.0, "--freeze-fraction", help="Fraction of the backbone frozen, 0..1."),
     head: str = typer.Option("linear", "--head", help="linear | dense | dense_dropout."),
     regularizer: str = typer.Option("none", "--regularizer", help="none | l1 | l2 | l1_l2 (Keras-style, strength 0.1)."),
-    pretrained: str = typer.Option("none", "--pretrained", help="none, a local weights file/folder, or a timm tag."),
+    pretrained: str = typer.Option("none", "--pretrained", help="none, imagenet (staged by `weights fetch`), a local weights file/folder, or a timm tag."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, batches and augmentation."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     out: Path = typer.Option(None, "--out", help="Checkpoint folder (default $CXR_SEARCH_EXPERIMENTS or experiments/, train-<backbone>-<time>)."),
@@ -174,6 +216,9 @@ def train(
         dict(backbone=backbone, max_epochs=epochs or (single.SMOKE_EPOCHS if smoke else 100), batch_size=batch_size,
              optimizer=optimizer, lr=lr, freeze_fraction=freeze_fraction, head=head, regularizer=regularizer,
              pretrained=pretrained, seed=seed, device=device), source="cxr-search train")
+    single.check(cfg)  # staged weights before any data work; never downloads
+    for note in single.notes(cfg):
+        console.print(f"[yellow]note:[/] {note}")
     run = single.train_model(cfg, data_dir=data, size=size or (single.SMOKE_SIZE if smoke else 128), resplit=resplit,
                              out=out, smoke=smoke)
     single.print_run(run, console)

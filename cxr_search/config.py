@@ -38,7 +38,7 @@ class TrialConfig:
 
     # model
     backbone: str = "inception_v3"
-    pretrained: str = "none"  # "none", a timm/HF name, or a local weights file/folder
+    pretrained: str = "none"  # "none", "imagenet" (staged by `cxr-search weights fetch`), a timm/HF name, or a file/folder
     in_chans: int = 1  # 1 = grayscale input (first conv adapted); 3 = gray replicated to RGB
     freeze_fraction: float = 0.0  # fraction of backbone parameters frozen from the input side, in [0, 1]
     head: str = "linear"

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_search import CLASSES, paths, storage
+from cxr_search import CLASSES, paths, storage, weights
 from cxr_search.config import TrialConfig
 from cxr_search.errors import CxrError
 from cxr_search.metrics import VALIDATION_METRICS
@@ -246,7 +246,9 @@ def plan_run(
         notes.append(
             "no GPU found: CPU budget from the file's cpu_budget ("
             + ", ".join(f"{k}={budget[k]}" for k in ("n_images", "size", "num_samples", "max_epochs") if k in budget)
-            + f"; retrain top {top_k} x {seeds} seeds, the study used 50)"
+            + f"; retrain top {top_k} x {seeds} seeds, the study used 50; pretrained: "
+            + f"{(budget.get('trial') or {}).get('pretrained', (raw.get('trial') or {}).get('pretrained', 'none'))}"
+            + ", the study fine-tuned ImageNet weights)"
             + "; pass --num-samples/--max-epochs (and --seeds) for a full search")
     _apply_budget(raw, budget, data_dir is None)
     if num_samples is not None:
@@ -259,6 +261,7 @@ def plan_run(
     if gpus_per_trial is not None:
         raw["resources"] = {**(raw.get("resources") or {}), "gpu": _gpu_option(gpus_per_trial)}
     effective = parse_space(raw, spec.source)  # validate the overrides too, before anything runs
+    weights.require_available(effective.backbone_pairs())  # staged ImageNet weights, or one line naming the fix
     data = {k: v for k, v in effective.data.items() if k in DataConfig.__dataclass_fields__}
     if resplit:
         data["resplit"] = True

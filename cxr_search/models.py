@@ -1,8 +1,8 @@
 """The nine backbones of the study behind one factory: `create_model(name, ...)` -> `CxrModel` (timm style).
 
 Every backbone ends in a pooled feature vector; the classifier head, the Keras-style head regularizer,
-partial freezing and the loading of pretrained weights (local files offline, or the Hugging Face Hub) are
-shared by all of them.
+partial freezing and the loading of pretrained weights (the staged ImageNet weights of `weights.py` and local
+files, both offline, or the Hugging Face Hub for an explicit timm tag) are shared by all of them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cxr_search import weights
 from cxr_search.config import BACKBONES, HEADS, REGULARIZERS
 from cxr_search.errors import CxrError
 
@@ -135,10 +136,12 @@ def create_model(
             (no such standard model exists); `cnn3` is the study's 3-conv-layer CNN.
         num_classes: number of output logits.
         in_chans: 1 for grayscale input (first conv adapted) or 3.
-        pretrained: "none"; a local weights file (.pth/.pt/.bin state dict, .safetensors) or a folder holding
-            `model.safetensors` or `pytorch_model.bin` (offline); or a timm pretrained tag
-            ("tv_in1k" or "resnet34.tv_in1k") or "hf-hub:<repo>" (needs the Hugging Face Hub). The first
-            conv is adapted to `in_chans` (RGB kernels summed for grayscale) and any classifier is dropped.
+        pretrained: "none"; "imagenet": the backbone's ImageNet weights staged by `cxr-search weights fetch`
+            (offline, never downloaded here; cnn3 has none); a local weights file (.pth/.pt/.bin state dict,
+            .safetensors) or a folder holding `model.safetensors` or `pytorch_model.bin` (offline); or a timm
+            pretrained tag ("tv_in1k" or "resnet34.tv_in1k") or "hf-hub:<repo>" (needs the Hugging Face Hub).
+            The first conv is adapted to `in_chans` (RGB kernels summed for grayscale) and any classifier is
+            dropped.
         freeze_fraction: fraction of the backbone's parameters frozen, from the input side, in [0, 1]
             (0 trains everything, 1 trains only the head).
         head: "linear" (one Linear), "dense" (Linear(dense_units)+ReLU+Linear) or "dense_dropout"
@@ -324,8 +327,26 @@ def _freeze_from_input(backbone: nn.Module, fraction: float) -> None:
 # Pretrained weights
 
 
+def backbone_state(name: str, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The backbone part of a pretrained state dict, checked against our RGB architecture (what gets staged).
+
+    Args:
+        name: backbone registry name.
+        state: state dict in timm's, torchvision's or our own layout; classifiers are dropped.
+        source: where `state` came from, named in the error if it does not fit.
+    """
+    if name not in _REGISTRY:
+        raise CxrError(f"backbone '{name}' is unknown; allowed: {', '.join(_REGISTRY)}.")
+    backbone, _ = _REGISTRY[name](3)  # ImageNet weights have an RGB stem; a grayscale model adapts it on load
+    _load_backbone_weights(backbone, dict(state), source, name)
+    return backbone.state_dict()
+
+
 def _pretrained_state_dict(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor], str]:
     """Resolve `pretrained` to a state dict and a description of its source (for error messages)."""
+    if pretrained == weights.IMAGENET:
+        path = weights.imagenet_file(name)  # one-line error if cnn3 or not staged; never downloads
+        return _local_state_dict(path), f"ImageNet weights {path}"
     path = Path(pretrained).expanduser()
     looks_local = (
         path.exists() or os.sep in pretrained or "/" in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES)

@@ -1,19 +1,31 @@
-"""Where things live on disk: the user cache (phantoms, array caches) and the repository's data files."""
+"""Where things live on disk: the user cache (phantoms, array caches, staged weights) and the repository's data files."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import platformdirs
+# Points every run at a folder of staged ImageNet weights (`cxr-search weights fetch --to DIR`), e.g. on shared storage.
+WEIGHTS_ENV = "CXR_SEARCH_WEIGHTS"
 
 
 def cache_root() -> Path:
     """The cache folder: ``$CXR_SEARCH_CACHE`` if set, else the platform's user cache dir (``~/.cache/cxr-search``)."""
     env = os.environ.get("CXR_SEARCH_CACHE")
-    root = Path(env) if env else Path(platformdirs.user_cache_dir("cxr-search", appauthor=False))
+    if env:
+        root = Path(env)
+    else:
+        import platformdirs  # here, not at the top: GPU hosts that run benchmarks with $CXR_SEARCH_CACHE lack it
+
+        root = Path(platformdirs.user_cache_dir("cxr-search", appauthor=False))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def weights_dir() -> Path:
+    """Staged pretrained weights: ``$CXR_SEARCH_WEIGHTS`` if set (a folder every node can read), else ``<cache>/weights``."""
+    env = os.environ.get(WEIGHTS_ENV)
+    return Path(env).expanduser() if env else cache_root() / "weights"
 
 
 def experiments_root() -> Path:

@@ -113,6 +113,22 @@ class SearchSpec:
     def replace(self, **changes: Any) -> SearchSpec:
         return dataclasses.replace(self, **changes)
 
+    def backbone_pairs(self) -> set[tuple[str, str]]:
+        """Every (backbone, pretrained) a trial of this space can have (to check staged weights before a run)."""
+        def values(name: str) -> list[Any]:
+            searched = [p for p in self.params if p.name == name]
+            if searched:
+                return list(searched[0].values)
+            return [self.trial.get(name, getattr(TrialConfig, name))]
+
+        points = [dict(settings) for _, settings in self.variants] or [{}]
+        pairs = set()
+        for point in points:
+            for backbone in ([point["backbone"]] if "backbone" in point else values("backbone")):
+                for pretrained in ([point["pretrained"]] if "pretrained" in point else values("pretrained")):
+                    pairs.add((backbone, pretrained))
+        return pairs
+
     def planned_trials(self) -> list[dict[str, Any]]:
         """Every trial of a grid or random search, as concrete configs (fixed settings, labels, sampled values).
 

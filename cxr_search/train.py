@@ -41,6 +41,22 @@ class TrainRun:
                 "gap": best["train_acc"] - best["val_acc"], "time s": self.seconds}
 
 
+def check(cfg: TrialConfig) -> None:
+    """Refuse, in one line and before any data work, what cannot run: pretrained weights that are not staged."""
+    from cxr_search import weights
+
+    weights.require_available([(cfg.backbone, cfg.pretrained)])
+
+
+def notes(cfg: TrialConfig) -> list[str]:
+    """What the user should know before training this configuration."""
+    out = []
+    if cfg.freeze_fraction > 0 and cfg.pretrained == "none":
+        out.append(f"--freeze-fraction {cfg.freeze_fraction:g} without pretrained weights freezes random layers "
+                   "that will never learn (the study froze ImageNet weights); add --pretrained imagenet.")
+    return out
+
+
 def train_model(cfg: TrialConfig, *, data_dir: str | Path | None = None, size: int = 128, resplit: bool = False,
                 out: str | Path | None = None, smoke: bool = False, progress: bool = True) -> TrainRun:
     """Train one configuration on a data folder (default: the phantom set) and save its model folder.
@@ -58,6 +74,7 @@ def train_model(cfg: TrialConfig, *, data_dir: str | Path | None = None, size: i
     from cxr_search.data import phantoms
     from cxr_search.data.prepare import prepare
 
+    check(cfg)
     if data_dir is None and smoke:
         data_dir = phantoms.default_dataset(n_images=SMOKE_PHANTOMS, size=96)  # generated once into the cache
     out = Path(out) if out is not None else paths.experiments_root() / f"train-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -89,6 +89,7 @@ def resume_pipeline(exp_dir: str | Path, *, console: Console | None = None, addr
     """Continue a run that was killed or stopped: the first unfinished stage goes on where it was."""
     console = console or Console()
     exp = Experiment.open(exp_dir)
+    experiment.weights.require_available(exp.plan.space.backbone_pairs())  # e.g. resumed on another machine
     with interrupt.naming(exp.path), experiment.exclusive(exp):
         if address is not None and address != exp.plan.address:
             exp.update(address=address)

@@ -33,15 +33,16 @@ def experiments_root() -> Path:
     return Path(os.environ.get("CXR_SEARCH_EXPERIMENTS", "experiments"))
 
 
-def repo_root() -> Path:
-    """The source checkout (the project is installed editable; search spaces live beside the package)."""
-    return Path(__file__).resolve().parent.parent
+def package_data() -> Path:
+    """Data files shipped inside the package (in a checkout, links to the top-level folders that are the source)."""
+    return Path(__file__).resolve().parent / "_data"
 
 
 def search_spaces_dir() -> Path:
-    return repo_root() / "search_spaces"
+    """The shipped search spaces (`search_spaces/*.yaml`)."""
+    return package_data() / "search_spaces"
 
 
 def reference_dir() -> Path:
     """The study's reported figures (copied from the study's tables), printed as "study reported"."""
-    return repo_root() / "reference"
+    return package_data() / "reference"

@@ -143,6 +143,8 @@ def summarize_seeds(results: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METR
                          "source_trial_id": group["source_trial_id"].iloc[0], "metric": metric,
                          **{("n_seeds" if k == "n" else k): v for k, v in distribution_summary(values).items()},
                          **_mean_ci(values)})
+    if not rows:  # e.g. every seed diverged: nothing to summarise, and the report says so
+        return pd.DataFrame(rows)
     return pd.DataFrame(rows).sort_values(["rank", "config_key"], kind="stable").reset_index(drop=True)
 
 

@@ -247,6 +247,14 @@ def test_a_finished_folder_keeps_its_best_weights_only(uninterrupted):
     assert ev.probs.dtype == np.float32 and ev.probs.shape == (48, 3)
 
 
+def test_best_weights_are_kept_in_half_precision_unless_a_value_does_not_fit():
+    small = torch.tensor([0.5, -1.25e-3, 3.0])
+    big = torch.tensor([1.0, 7.0e4])  # e.g. a BatchNorm running variance early in training
+    assert engine._storable(small).dtype == torch.float16
+    assert torch.equal(engine._storable(big), big)  # float16 would turn 70000 into inf
+    assert engine._storable(torch.tensor([1, 2])).dtype == torch.int64
+
+
 def test_checkpoints_by_time_skip_epochs_but_the_end_is_always_written(tmp_path):
     written = []
     real = engine._CheckpointWriter._write_state

@@ -28,6 +28,7 @@ from cxr_search.config import TrialConfig
 from cxr_search.data.augment import augment_batch
 from cxr_search.data.balance import class_weights, oversample_indices
 from cxr_search.data.prepare import PreparedData, SplitArrays
+from cxr_search.data.preprocess import write_record
 from cxr_search.errors import CxrError
 
 # Fixed input normalisation: histogram-equalised pixels are near uniform on [0, 1] (mean 0.5, std 1/sqrt(12)).
@@ -416,6 +417,7 @@ def fit(
                             early,
                             history,
                             stop_reason,
+                            data.preprocessing,
                         ),
                     )
                 bar.advance(metrics)
@@ -492,8 +494,13 @@ def _checkpoint_writer(
     early: _EarlyStopping,
     history: list[dict[str, Any]],
     stop_reason: str,
+    preprocessing: dict[str, Any] | None = None,
 ) -> Callable[[Path], None]:
-    """A function that writes this epoch's checkpoint into a folder when (and only if) it is called."""
+    """A function that writes this epoch's checkpoint into a folder when (and only if) it is called.
+
+    ``preprocessing`` (``PreparedData.preprocessing``) goes beside the weights as ``preprocessing.json``, so the
+    folder alone is enough for ``cxr-search predict``.
+    """
     history, early_state = list(history), dict(early.state_dict())
 
     def write_checkpoint(folder: Path) -> None:
@@ -514,6 +521,8 @@ def _checkpoint_writer(
         _atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
         _atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(cfg.to_json()))
         _atomic_write(folder / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history)))
+        if preprocessing:
+            write_record(folder, preprocessing)
 
     return write_checkpoint
 

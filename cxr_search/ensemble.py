@@ -303,9 +303,19 @@ def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "retrain", 
         "n_test": int(len(members[0].test_labels)),
         "n_val": int(len(members[0].val_labels)),
         "bootstrap": {"n_resamples": n_resamples, "stratified": True, "level": 0.95, "seed": seed},
+        "preprocessing": _members_preprocessing(exp_dir, members),
         **result,
     }
     tmp = out / "ensemble.json.tmp"
     tmp.write_text(json.dumps(description, indent=2))
     tmp.replace(out / "ensemble.json")
     return description
+
+
+def _members_preprocessing(exp_dir: Path, members: Sequence[Member]) -> dict[str, Any] | None:
+    """The members' recorded preprocessing (what `predict` replays), None for experiments that predate it."""
+    from cxr_search.data.preprocess import locate
+
+    found = locate(folders=[m.checkpoint_dir for m in members if m.checkpoint_dir], exp_dir=exp_dir,
+                   where=str(exp_dir), required=False)
+    return found.to_dict() if found is not None else None

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss
+from test_engine import _few_threads  # noqa: F401  (autouse: torch on 2 threads, as in the engine tests)
 from typer.testing import CliRunner
 
 from cxr_search import CLASSES, engine, predict
@@ -26,23 +26,15 @@ from cxr_search.errors import CxrError
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-def train_member(data, folder: Path, seed: int, epochs: int = 2) -> Path:
+def train_member(data, folder: Path, seed: int, epochs: int = 2, batch_size: int = 16) -> Path:
     """Train a tiny cnn3 and leave what a search trial leaves: a checkpoint folder (weights + preprocessing)."""
-    cfg = TrialConfig.from_dict(dict(backbone="cnn3", device="cpu", deterministic=True, batch_size=16,
+    cfg = TrialConfig.from_dict(dict(backbone="cnn3", device="cpu", deterministic=True, batch_size=batch_size,
                                      max_epochs=epochs, optimizer="adam", lr=3e-3, seed=seed, eval_batch_size=64))
     engine.fit(cfg, data, report=lambda metrics, write_checkpoint: write_checkpoint(folder))
     return folder
 
 
-def finished_experiment(root: Path, data, n_members: int = 2) -> Path:
+def finished_experiment(root: Path, data, n_members: int = 2, epochs: int = 2, batch_size: int = 16) -> Path:
     """An experiment folder as a search leaves it (results.parquet, predictions/, checkpoints), then its ensemble."""
     exp = root / "exp"
     (exp / "predictions").mkdir(parents=True)
@@ -50,7 +42,7 @@ def finished_experiment(root: Path, data, n_members: int = 2) -> Path:
     rows = []
     for i in range(n_members):
         tid = f"trial_{i:03d}"
-        ckpt = train_member(data, exp / tid / "checkpoint_000001", seed=i)
+        ckpt = train_member(data, exp / tid / "checkpoint_000001", seed=i, epochs=epochs, batch_size=batch_size)
         model, cfg = engine.load_best_model(ckpt)  # what search.tune.finalize stores for each trial
         val = engine.predict_proba(model, data.val.images, cfg=cfg, device="cpu")
         test = engine.predict_proba(model, data.test.images, cfg=cfg, device="cpu")

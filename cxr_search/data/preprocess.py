@@ -15,10 +15,12 @@ Training augmentation is not part of this: it stays the batched on-device warp (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,10 @@ from typing import Any
 import numpy as np
 
 from cxr_search.errors import CxrError
+
+# albumentations asks PyPI for a newer version on import (a 2 s network call); nothing may be fetched at run
+# time. Set here, at import, so decoding processes that unpickle a Preprocessing inherit it too.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 PREPROCESSING_FILE = "preprocessing.json"
 RECORD_FORMAT = 1  # bump when the record's own fields change (not albumentations')
@@ -42,7 +48,7 @@ class Preprocessing:
 
     size: int  # output side, pixels
     equalize: str  # "hist" | "clahe" | "none"
-    albumentations: dict[str, Any] = field(compare=False)  # A.to_dict(pipeline): the transform that is replayed
+    albumentations: dict[str, Any] = field(hash=False)  # A.to_dict(pipeline): the transform that is replayed
 
     @classmethod
     def build(cls, size: int, equalize: str) -> Preprocessing:
@@ -51,9 +57,10 @@ class Preprocessing:
             raise CxrError(f"equalize={equalize!r} is not one of {', '.join(EQUALIZE)}")
         if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 2048:
             raise CxrError(f"size={size!r} must be an integer number of pixels between 8 and 2048")
-        import albumentations as A
         import cv2
 
+        with _without_torch_helpers():
+            import albumentations as A
         steps = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image", p=1.0)]
         if equalize == "hist":
             steps.append(A.Equalize(mode="cv", by_channels=True, p=1.0))
@@ -92,9 +99,31 @@ class Preprocessing:
 @functools.lru_cache(maxsize=8)
 def _pipeline(serialised: str) -> Any:
     """The albumentations pipeline of a record, built once per process (validation costs ~1 ms)."""
-    import albumentations as A
+    with _without_torch_helpers():
+        import albumentations
 
-    return A.from_dict(json.loads(serialised))
+        return albumentations.from_dict(json.loads(serialised))
+
+
+@contextlib.contextmanager
+def _without_torch_helpers() -> Iterator[None]:
+    """Keep albumentations from importing its optional torch helpers in a process that has not loaded torch.
+
+    Its ``__init__`` and ``from_dict`` import ``albumentations.pytorch`` (ToTensorV2), which imports torch:
+    ~2 of the ~3 s each spawned decoding process spent on albumentations (measured on 2 cores). The records
+    here never use those helpers; a missing module is what albumentations expects when torch is absent
+    (it catches the ImportError). The block is lifted on exit, so a later ``import albumentations.pytorch``
+    works as usual.
+    """
+    if "torch" in sys.modules or "albumentations.pytorch" in sys.modules:
+        yield
+        return
+    sys.modules["albumentations.pytorch"] = None  # makes that one import raise ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("albumentations.pytorch", False) is None:
+            del sys.modules["albumentations.pytorch"]
 
 
 def _jsonable(obj: Any) -> Any:

@@ -129,7 +129,7 @@ def lime_map(predictor: Any, image_uint8: np.ndarray, target: int, *, samples: i
         predictor: a ``predict.Predictor``; LIME explains its (ensembled, calibrated) probabilities.
         image_uint8: one preprocessed uint8 [S, S] image.
         target: the class index to explain.
-        samples: perturbed images LIME draws (the study's LIME default: 1000).
+        samples: perturbed images LIME draws (lime's default: 1000).
         seed: seed of the sampling (same seed, same map).
 
     Returns:
@@ -404,9 +404,10 @@ def untrained_copy(predictor: Any) -> Any:
 
     members = []
     for m in predictor.members:
-        torch.manual_seed(m.cfg.seed)
-        model = engine.model_from_config(m.cfg.replace(pretrained="none"), num_classes=len(predictor.classes)).eval()
-        members.append(dataclasses.replace(m, name=f"untrained {m.cfg.backbone}", model=model))
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+            torch.manual_seed(m.cfg.seed)
+            model = engine.model_from_config(m.cfg.replace(pretrained="none"), num_classes=len(predictor.classes))
+        members.append(dataclasses.replace(m, name=f"untrained {m.cfg.backbone}", model=model.eval()))
     return dataclasses.replace(predictor, members=members)
 
 
@@ -479,8 +480,9 @@ def evaluate_faithfulness(predictor: Any, images_uint8: np.ndarray, labels: np.n
     rows, probe = [], {"flagged": False, "message": "", "methods": {}, "n_marked": int(marked[chosen].sum()),
                        "band": f"top-left {MARKER_BAND:.0%} x {MARKER_BAND:.0%} of the image",
                        "threshold": SHORTCUT_SHARE}
+    baseline = untrained_copy(predictor)
     for method in methods:
-        for kind, model in (("trained", predictor), ("untrained", untrained_copy(predictor))):
+        for kind, model in (("trained", predictor), ("untrained", baseline)):
             if progress:
                 print(f"faithfulness: {method} on {len(chosen)} images, {kind} model", flush=True)
             maps, _ = explain_arrays(model, imgs, y.tolist(), method, samples=samples, seed=seed)

@@ -224,6 +224,97 @@ def train(
     single.print_run(run, console)
 
 
+@app.command("predict")
+def predict_command(
+    model: Path = typer.Argument(..., help="Experiment folder (its ensemble), an ensemble.json, or a checkpoint folder."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and folders (walked recursively)."),
+    out: Path = typer.Option(None, "--out", help="Also write the rows as CSV to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (a list of objects) instead of a table."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Class probabilities for new X-rays, preprocessed exactly as the model's training images; exit 1 if any file failed."""
+    import json
+
+    from rich.table import Table
+
+    from cxr_search import predict
+
+    predictor = predict.load(model, device=device)
+    files = predict.list_inputs(inputs)
+    if not files:
+        raise CxrError(f"no image files in {', '.join(map(str, inputs))}; pass PNG, JPEG, BMP, TIFF or DICOM files.")
+    table = predict.predict_files(predictor, files, progress=not as_json)
+    if out is not None:
+        predict.write_predictions(table, out)
+    failed = int((table["error"] != "").sum())
+    if as_json:
+        print(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
+    else:
+        shown = Table(caption=f"{len(table) - failed} predicted, {failed} unusable; {predictor.describe()}")
+        for col in table.columns:
+            shown.add_column(col, justify="right" if col.startswith("p_") else "left", overflow="fold")
+        for row in table.itertuples(index=False):
+            shown.add_row(*("" if isinstance(v, float) and v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
+                            for v in row))
+        console.print(shown)
+    if out is not None and not as_json:
+        console.print(f"saved: {out}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("explain")
+def explain_command(
+    model: Path = typer.Argument(..., help="Experiment folder (its ensemble), an ensemble.json, or a checkpoint folder."),
+    images: list[Path] = typer.Argument(None, help="Image files and folders to explain (not with --evaluate)."),
+    method: str = typer.Option(None, "--method", help="gradcam | hirescam | lime (default gradcam; with --evaluate a comma-separated list, default all)."),
+    out: Path = typer.Option(None, "--out", help="Output folder (default ./explanations); --evaluate writes EXP/explain."),
+    samples: int = typer.Option(1000, "--samples", help="LIME: perturbed images per explanation."),
+    seed: int = typer.Option(0, "--seed", help="LIME sampling and image draw seed."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Faithfulness on phantom lesion masks, and the shortcut probe."),
+    n: int = typer.Option(100, "--n", help="--evaluate: test images with a lesion to score (at most)."),
+    data: Path = typer.Option(None, "--data", help="--evaluate: the phantom data folder (default: the experiment's)."),
+) -> None:
+    """Grad-CAM / HiResCAM / LIME maps as overlays, raw .npy maps and a contact sheet; or --evaluate their faithfulness."""
+
+    from cxr_search import explain, predict, report
+
+    predictor = predict.load(model, device=device)
+    if not evaluate:
+        if not images:
+            raise CxrError("name the images to explain (files or folders), or pass --evaluate.")
+        files = predict.list_inputs(images)
+        chosen = explain.check_methods([method or "gradcam"])[0]
+        folder = out or Path("explanations")
+        table = explain.explain_files(predictor, files, chosen, folder, samples=samples, seed=seed)
+        failed = int((table["error"] != "").sum())
+        console.print(f"{len(table) - failed} explained, {failed} unusable: {folder} (overlays, .npy maps, "
+                      f"contact_sheet.{chosen}.png, explanations.{chosen}.csv)", highlight=False)
+        if failed:
+            raise typer.Exit(1)
+        return
+    from cxr_search.experiment import Experiment
+
+    exp = Experiment.open(model)  # --evaluate writes EXP/explain/ and summary.md: an experiment folder
+    methods = explain.check_methods([m.strip() for m in method.split(",")] if method else list(explain.METHODS))
+    if data is not None:
+        from cxr_search.data.prepare import prepare
+
+        prepared = prepare(data, size=predictor.preprocessing.size, equalize=predictor.preprocessing.equalize)
+    else:
+        prepared = exp.plan.data.prepare()
+    table, probe = explain.evaluate_faithfulness(
+        predictor, prepared.test.images, prepared.test.labels, prepared.test.paths, n=n, methods=methods,
+        samples=samples, seed=seed, progress=True)
+    folder = explain.write_faithfulness(model, table, probe, {
+        "model": predictor.describe(), "n": n, "methods": list(methods), "samples": samples, "seed": seed,
+        "split": "test", "data": str(data) if data is not None else "the experiment's"})
+    report.write_summary(model)
+    report.print_markdown(report.explanations_section(model), console)
+    console.print(f"saved: {folder / explain.FAITHFULNESS_CSV}", highlight=False)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback.
 

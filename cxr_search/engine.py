@@ -31,7 +31,9 @@ from cxr_search.config import TrialConfig
 from cxr_search.data.augment import augment_batch
 from cxr_search.data.balance import class_weights, oversample_indices
 from cxr_search.data.prepare import PreparedData, SplitArrays
+from cxr_search.data.preprocess import write_record
 from cxr_search.errors import CxrError
+from cxr_search.metrics import VALIDATION_METRICS
 
 # Fixed input normalisation: histogram-equalised pixels are near uniform on [0, 1] (mean 0.5, std 1/sqrt(12)).
 PIXEL_MEAN = 0.5
@@ -387,7 +389,8 @@ def fit(
         stop_reason = ""
         writer = None
         if folder is not None:
-            writer = _CheckpointWriter(folder, cfg, len(data.classes), checkpoint_every, checkpoint_every_s)
+            writer = _CheckpointWriter(folder, cfg, len(data.classes), checkpoint_every, checkpoint_every_s,
+                                       getattr(data, "preprocessing", None))
             if saved is None:
                 writer.start_fresh()
             else:
@@ -422,11 +425,7 @@ def fit(
                     "epoch": epoch,
                     "train_loss": train_loss,
                     "train_acc": train_acc,
-                    "val_loss": ev.loss,
-                    "val_acc": ev.metrics["acc"],
-                    "val_macro_f1": ev.metrics["macro_f1"],
-                    "val_normal_recall": ev.metrics["normal_recall"],
-                    "val_covid_recall_vs_pneumonia": ev.metrics["covid_recall_vs_pneumonia"],
+                    **_validation_metrics(ev),
                     "epoch_time_s": time.perf_counter() - t0,
                     "img_per_s": n_seen / max(train_s, 1e-9),
                     "stop_reason": stop_reason,
@@ -440,6 +439,12 @@ def fit(
                 bar.advance(metrics)
 
         return _finish(cfg, data, model, rt, early, history, stop_reason)
+
+
+def _validation_metrics(ev: Evaluation) -> dict[str, float]:
+    """The epoch's validation figures under the names of `metrics.VALIDATION_METRICS` (val_<metric>)."""
+    return {name: ev.loss if name == "val_loss" else ev.metrics[name.removeprefix("val_")]
+            for name in VALIDATION_METRICS}
 
 
 def _train_epoch(
@@ -572,8 +577,9 @@ class _CheckpointWriter:
     """Writes one run's model folder in the crash-safe order described above."""
 
     def __init__(self, folder: Path, cfg: TrialConfig, num_classes: int, every_epochs: int,
-                 every_s: float | None):
+                 every_s: float | None, preprocessing: dict[str, Any] | None = None):
         self.folder, self.cfg, self.num_classes = folder, cfg, num_classes
+        self.preprocessing = preprocessing  # the data's recorded preprocessing: the folder alone serves `predict`
         self.every_epochs, self.every_s = max(1, int(every_epochs)), every_s
         self.last_epoch = 0  # epoch of the last resume state
         self.last_time = time.monotonic()
@@ -587,6 +593,8 @@ class _CheckpointWriter:
             path.unlink()
         storage.rewrite_records(self.folder / HISTORY_FILE, [])
         storage.atomic_write_text(self.folder / CONFIG_FILE, self.cfg.to_json())
+        if self.preprocessing:
+            write_record(self.folder, self.preprocessing)
 
     def resumed(self, epoch: int) -> None:
         self.last_epoch = epoch

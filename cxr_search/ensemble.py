@@ -297,7 +297,17 @@ def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "search", w
         "n_test": int(len(members[0].test_labels)),
         "n_val": int(len(members[0].val_labels)),
         "bootstrap": {"n_resamples": n_resamples, "stratified": True, "level": 0.95, "seed": seed},
+        "preprocessing": _members_preprocessing(exp, members),
         **result,
     }
     storage.atomic_write_json(out / "ensemble.json", description)  # last: its presence means the stage is whole
     return description
+
+
+def _members_preprocessing(exp: Any, members: Sequence[Member]) -> dict[str, Any] | None:
+    """The members' recorded preprocessing (what `predict` replays); else the experiment plan's data settings."""
+    from cxr_search.data.preprocess import locate
+
+    found = locate(folders=[m.checkpoint_dir for m in members if m.checkpoint_dir],
+                   fallback=(exp.plan.data.size, exp.plan.data.equalize), where=str(exp.path), required=False)
+    return found.to_dict() if found is not None else None

@@ -205,7 +205,7 @@ def plan_run(
     stages: tuple[str, ...] = STAGES,
     gpus_per_trial: str | None = None,
     address: str | None = None,
-    storage_root: str | None = None,
+    storage: str | Path | None = None,
     num_cpus: int | None = None,
 ) -> Plan:
     """Load and validate the space, decide the budget and check every option: the whole plan, nothing written.
@@ -216,6 +216,9 @@ def plan_run(
     Raises:
         CxrError: a bad space, option or data folder, naming it and the fix.
     """
+    if storage is not None and "://" in str(storage):
+        raise CxrError(f"--storage {storage}: remote storage is not supported yet; give a local or shared "
+                       "(NFS) folder every Ray node can read.")
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise CxrError(f"--stages: unknown stage '{bad[0] if bad else ''}'; allowed: {', '.join(STAGES)} "
@@ -271,7 +274,7 @@ def plan_run(
         space=effective, data=DataConfig(data_dir=data_dir, **data), stages=tuple(stages), top_k=int(top_k),
         seeds=int(seeds), retrain_max_epochs=budget.get("retrain_max_epochs"),
         ensemble_members=max(3, int(top_k)), budget=budget_kind, notes=tuple(notes), address=address,
-        storage=storage_root, num_cpus=num_cpus,
+        storage=str(Path(storage).expanduser().resolve()) if storage is not None else None, num_cpus=num_cpus,
     )
 
 

@@ -184,6 +184,44 @@ def data_section(exp: Experiment) -> list[str]:
     return ["## Data warnings", "", *[f"- **warning:** {w}" for w in warnings], ""]
 
 
+def shortcut_warning(exp_dir: Path) -> list[str]:
+    """The shortcut probe's warning (EXP/explain/faithfulness.json), for the very top of the summary."""
+    from cxr_search.explain import read_faithfulness
+
+    saved = read_faithfulness(exp_dir)
+    probe = saved[1].get("shortcut", {}) if saved else {}
+    return [f"> **warning: {probe['message']}** (`explain/faithfulness.csv`)", ""] if probe.get("flagged") else []
+
+
+def explanations_section(exp_dir: Path) -> list[str]:
+    """Faithfulness of the explanations on phantom lesion masks (EXP/explain/faithfulness.csv), vs untrained."""
+    from cxr_search.explain import read_faithfulness
+
+    saved = read_faithfulness(exp_dir)
+    if saved is None:
+        return []
+    table, meta = saved
+    settings, probe = meta.get("settings", {}), meta.get("shortcut", {})
+    rows = [{"method": r["method"], "model": r["model"],
+             "pointing game": fmt_ci(r["pointing_game"], r["pointing_game_lo"], r["pointing_game_hi"], 3),
+             "mass in lesion": fmt_ci(r["lesion_mass"], r["lesion_mass_lo"], r["lesion_mass_hi"], 3),
+             "chance (lesion area)": fmt(r["chance"], 3),
+             "mass in marker band": fmt_ci(r["marker_mass"], r["marker_mass_lo"], r["marker_mass_hi"], 3)}
+            for r in table.to_dict("records")]
+    marked = int(table["n_marked"].iloc[0]) if len(table) else 0
+    probe_line = (f"Shortcut probe: {probe.get('message')}." if probe.get("flagged") else
+                  f"Shortcut probe: no method puts more of its attribution in the marker band "
+                  f"({probe.get('band', 'top-left corner')}) than on the lesions and at least "
+                  f"{probe.get('threshold', 0.3):.0%} of it.")
+    return ["## Explanations: faithfulness on phantom lesion masks", "",
+            f"{int(table['n_images'].iloc[0]) if len(table) else 0} test images with a lesion, explained for their "
+            f"true class ({marked} carry a confounder marker; the marker-band column is measured on those, else on "
+            f"all). Pointing game: the map's maximum falls inside the lesion; mass in lesion: share of positive "
+            f"attribution inside it; 95% stratified bootstrap intervals. \"untrained\": the same architectures "
+            f"freshly initialised, the baseline a trustworthy explanation must beat. Model: {settings.get('model', '')}.",
+            "", markdown_table(pd.DataFrame(rows)), "", probe_line, ""]
+
+
 def build_summary(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
     """The whole summary as Markdown.
 
@@ -192,8 +230,9 @@ def build_summary(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
         n_resamples: bootstrap resamples for the per-trial test intervals.
     """
     exp = Experiment.open(exp_dir)
-    parts = [f"# cxr-search summary: {exp.path.name}", "", *data_section(exp)]
-    body = search_section(exp, n_resamples) + retrain_section(exp) + ensemble_section(exp)
+    parts = [f"# cxr-search summary: {exp.path.name}", "", *shortcut_warning(exp.path), *data_section(exp)]
+    body = (search_section(exp, n_resamples) + retrain_section(exp) + ensemble_section(exp)
+            + explanations_section(exp.path))
     if not body:
         body = ["No finished stage yet (no `results.parquet`): run a search first.", ""]
     return "\n".join(parts + body)

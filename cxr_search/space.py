@@ -78,10 +78,12 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    kind: str = "asha"  # asha | fifo
-    max_t: int = 30  # epochs: a trial never runs longer
-    grace_period: int = 3  # epochs every trial gets before ASHA may stop it
-    reduction_factor: int = 3  # keep the top 1/reduction_factor at each rung
+    """The scheduler a space names (defaults are `parse_space`'s: max_t = the trials' max_epochs, grace 3, rf 3)."""
+
+    kind: str  # asha | fifo
+    max_t: int  # epochs: a trial never runs longer
+    grace_period: int  # epochs every trial gets before ASHA may stop it
+    reduction_factor: int  # keep the top 1/reduction_factor at each rung
 
 
 @dataclass(frozen=True)

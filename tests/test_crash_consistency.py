@@ -26,28 +26,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_search_tune import TINY
 
 from cxr_search import engine, experiment, storage
 from cxr_search.experiment import Experiment
 
 pytestmark = pytest.mark.slow
 
-SPACE = """
-name: crash
-metric: val_loss
-mode: min
-searcher: {type: optuna, seed: 0}
-scheduler: fifo
-num_samples: 6
-max_concurrent_trials: 2
-resources: {cpu: 1, gpu: 0}
-data: {size: 32, n_images: 120}
-trial: {backbone: cnn3, max_epochs: 3, patience: 3, device: cpu, batch_size: 16, augment: false,
-        deterministic: true}
-params:
-  lr: {loguniform: [1.0e-3, 1.0e-1]}
-  optimizer: {choice: [sgd, adam]}
-"""
+# The search tests' tiny space, made deterministic: FIFO (every trial runs to its end) and deterministic CPU kernels.
+SPACE = (TINY.replace("name: tiny", "name: crash")
+         .replace("scheduler: {type: asha, max_t: 3, grace_period: 1, reduction_factor: 2}", "scheduler: fifo")
+         .replace("augment: false}", "augment: false, deterministic: true}")
+         .replace("lr: {loguniform: [1.0e-4, 1.0e-1]}", "lr: {loguniform: [1.0e-3, 1.0e-1]}"))
 RUN_ARGS = ("--stages", "search,retrain,ensemble", "--top-k", "1", "--seeds", "2")
 STEP_TIMEOUT_S = 240  # one launch reaching its next kill point (Ray start + data + a few epochs), on a loaded box
 
@@ -57,6 +47,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     space = root / "crash.yaml"
     space.write_text(textwrap.dedent(SPACE))
+    assert "fifo" in SPACE and "deterministic: true" in SPACE
     env = {**os.environ, "CXR_SEARCH_CACHE": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
     return root, space, env
 

@@ -30,7 +30,8 @@ def _noise(seed: int, shape=(48, 40)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-def _dicom_monochrome1(path: Path, pixels: np.ndarray) -> Path:
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME1") -> Path:
+    """A 12-bit CR DICOM file (pydicom) with the given photometric interpretation."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -43,7 +44,7 @@ def _dicom_monochrome1(path: Path, pixels: np.ndarray) -> Path:
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "CR"
     ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def bad_folder(tmp_path: Path) -> Path:
     palette.putpalette([0, 0, 0, 90, 90, 90, 170, 170, 170, 255, 255, 255] + [0] * 756)
     palette.save(covid / "palette.png")
     Image.new("CMYK", (32, 32), (0, 0, 0, 100)).save(covid / "cmyk.jpg", quality=95)
-    _dicom_monochrome1(covid / "mono1.dcm", GRADIENT16)
+    write_dicom(covid / "mono1.dcm", GRADIENT16)
     (covid / "zero.png").write_bytes(b"")
     (covid / "text.png").write_text("not an image, just text with a .png name\n")
     buf = io.BytesIO()
@@ -122,7 +123,7 @@ def test_every_bad_file_is_quarantined_with_its_reason(bad_folder, small_bomb_li
 
 def test_bomb_guard_refuses_images_above_the_pixel_limit(tmp_path, small_bomb_limit):
     big_png = _png(tmp_path / "big.png", _noise(0, (60, 100)))  # 6,000 px: Pillow warns, we refuse
-    big_dicom = _dicom_monochrome1(tmp_path / "big.dcm", np.zeros((60, 100), np.uint16))
+    big_dicom = write_dicom(tmp_path / "big.dcm", np.zeros((60, 100), np.uint16))
     for path in (big_png, big_dicom):
         with pytest.raises(DecodeError, match="decompression bomb"):
             decode(path)

@@ -77,7 +77,7 @@ def test_a_plan_round_trips_with_absolute_paths_and_reopens_from_anywhere(tmp_pa
     data = tmp_path / "data"
     data.mkdir()
     monkeypatch.chdir(tmp_path)
-    plan = experiment.plan_run("inception", data_dir="data", name="p", num_samples=2, max_epochs=1)
+    plan = experiment.plan_run("inception", data_dir="data", name="p", smoke=True)
     assert plan.data.data_dir == str(data.resolve())
     Experiment.create(plan, "exps")
     monkeypatch.chdir("/")

@@ -1,9 +1,8 @@
 """Preprocess a scanned data set once into a content-addressed, memory-mapped uint8 array cache.
 
-Preprocessing: decode to 8-bit grayscale (:mod:`cxr_search.data.decode`), resize the whole image to
-``size x size`` ignoring its aspect ratio (as the study's Keras resize did; ``cv2.INTER_AREA``, which averages
-pixels when shrinking), then optionally equalize the histogram (``"hist"``, the study's choice) or apply CLAHE
-(``"clahe"``, clip limit 2, 8x8 tiles) on the resized image.
+Preprocessing: decode to 8-bit grayscale (:mod:`cxr_search.data.decode`), then the recorded albumentations
+pipeline of :mod:`cxr_search.data.preprocess` (resize the whole image to ``size x size``, then histogram
+equalization, CLAHE or nothing); ``predict`` replays the same record on new files.
 
 Cache policy. A folder ``cache_root()/arrays/<content key>/`` holds ``images.npy`` (uint8 [N, size, size], the
 usable images only), ``facts.parquet`` (every scanned record: relative path, label, patient, split, decode
@@ -26,19 +25,20 @@ import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cxr_search.data import integrity
+from cxr_search.data.preprocess import Preprocessing
 from cxr_search.data.scan import ScanResult, relative_path
-from cxr_search.errors import CxrError
 from cxr_search.paths import cache_root
 
-CACHE_VERSION = 1  # bump when decoding or preprocessing changes what an image becomes
-EQUALIZE = ("hist", "clahe", "none")
+# Bump when decoding or preprocessing changes what an image becomes. 2: the albumentations pipeline uses
+# INTER_AREA when any side shrinks (1: only when both did), so images with one side above and one below
+# the target size changed (tests/test_data_cache.py compares the two on phantoms).
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -67,17 +67,9 @@ def preprocess(gray: np.ndarray, size: int = 128, equalize: str = "hist") -> np.
         equalize: "hist" (global histogram equalization), "clahe" or "none".
 
     Returns:
-        uint8 [size, size].
+        uint8 [size, size], exactly what the cache stores (:class:`Preprocessing` is the one definition).
     """
-    import cv2
-
-    interp = cv2.INTER_AREA if min(gray.shape) >= size else cv2.INTER_LINEAR  # area averaging only shrinks well
-    out = cv2.resize(np.ascontiguousarray(gray), (size, size), interpolation=interp)
-    if equalize == "hist":
-        out = cv2.equalizeHist(out)
-    elif equalize == "clahe":
-        out = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(out)
-    return out
+    return Preprocessing.build(size, equalize)(gray)
 
 
 def build_or_load(
@@ -100,10 +92,7 @@ def build_or_load(
     Returns:
         ArrayCache; ``hit`` tells whether it was reused.
     """
-    if equalize not in EQUALIZE:
-        raise CxrError(f"equalize={equalize!r} is not one of {', '.join(EQUALIZE)}")
-    if not isinstance(size, int) or not 8 <= size <= 2048:
-        raise CxrError(f"size={size!r} must be an integer number of pixels between 8 and 2048")
+    pipeline = Preprocessing.build(size, equalize)  # validates the settings
     arrays = cache_root() / "arrays"
     settings = {"size": size, "equalize": equalize, "version": CACHE_VERSION,
                 "thumb": integrity.THUMB_SIZE, "near_threshold": integrity.NEAR_THRESHOLD}
@@ -121,26 +110,25 @@ def build_or_load(
         key = _digest([settings, [(*d, h) for d, h in zip(described, _content_hashes(paths), strict=True)]])
         hit = (arrays / key / "images.npy").is_file()
         if not hit:
-            _build(arrays, key, scan_result, rel, size, equalize, workers, progress)
+            _build(arrays, key, scan_result, rel, pipeline, workers, progress)
         _write_atomic(stat_file, key)
     return _load(arrays / key, key, scan_result.root, hit)
 
 
-def _build(arrays: Path, key: str, scan_result: ScanResult, rel: list[str], size: int, equalize: str,
+def _build(arrays: Path, key: str, scan_result: ScanResult, rel: list[str], pipeline: Preprocessing,
            workers: int | None, progress: bool) -> None:
     tmp = arrays / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         paths = scan_result.records["path"].tolist()
         facts, thumbs, images = [], [], []
-        for f in integrity.examine_files(paths, preprocess=partial(preprocess, size=size, equalize=equalize),
-                                         workers=workers, progress=progress):
+        for f in integrity.examine_files(paths, preprocess=pipeline, workers=workers, progress=progress):
             if f.ok:
                 thumbs.append(f.thumb)
                 images.append(f.image)
             f.thumb = f.image = None  # keep only the small facts per record
             facts.append(f)
-        stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+        stacked = np.stack(images) if images else np.zeros((0, pipeline.size, pipeline.size), np.uint8)
         np.save(tmp / "images.npy", stacked)
         table = integrity.facts_table(scan_result, facts)
         table["path"] = rel  # relative: the cache stays valid if the data folder moves
@@ -148,8 +136,9 @@ def _build(arrays: Path, key: str, scan_result: ScanResult, rel: list[str], size
         thumb_array = np.stack(thumbs) if thumbs else np.zeros((0, integrity.THUMB_SIZE**2), np.float32)
         pairs = integrity.find_duplicates([f.pixel_hash for f in facts if f.ok], thumb_array)
         pairs.to_parquet(tmp / "pairs.parquet", index=False)
-        (tmp / "meta.json").write_text(json.dumps({"key": key, "size": size, "equalize": equalize,
-                                                   "version": CACHE_VERSION, "n_usable": len(images)}))
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "size": pipeline.size, "equalize": pipeline.equalize,
+                                                   "version": CACHE_VERSION, "n_usable": len(images),
+                                                   "preprocessing": pipeline.to_dict()}))
         try:
             tmp.rename(arrays / key)
         except OSError:  # a concurrent builder finished first; its arrays are identical

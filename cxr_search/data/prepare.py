@@ -43,6 +43,8 @@ class PreparedData:
     cache_key: str = ""
     split_seed: int = 0
     report: dict[str, Any] = field(default_factory=dict)  # JSON-able integrity summary, incl. "warnings"
+    # JSON-able record of the per-image preprocessing (data/preprocess.py): what `predict` replays on new files
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare(
@@ -77,6 +79,7 @@ def prepare(
         CxrError: missing/unrecognised folder, bad option, or a class without a usable image.
     """
     from cxr_search.data import cache, integrity, phantoms, split
+    from cxr_search.data.preprocess import Preprocessing
     from cxr_search.data.scan import scan
 
     root = Path(data_dir) if data_dir is not None else phantoms.default_dataset()
@@ -115,6 +118,7 @@ def prepare(
     return PreparedData(
         train=parts["train"], val=parts["val"], test=parts["test"], image_size=size, classes=CLASSES,
         cache_key=arrays.key, split_seed=seed, report=report,
+        preprocessing=Preprocessing.build(size, equalize).to_dict(),
     )
 
 

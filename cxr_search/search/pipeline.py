@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cxr_search import experiment, interrupt, report
+from cxr_search import experiment, interrupt, paths, report
 from cxr_search.errors import CxrError
 from cxr_search.experiment import Experiment, Plan
 
@@ -22,57 +22,24 @@ from cxr_search.experiment import Experiment, Plan
 # below import `cxr_search.search.tune` where they need it.
 
 
-def run_pipeline(
-    space: str | Path,
-    *,
-    data_dir: str | Path | None = None,
-    name: str | None = None,
-    num_samples: int | None = None,
-    max_epochs: int | None = None,
-    smoke: bool = False,
-    address: str | None = None,
-    storage: str | None = None,
-    gpus_per_trial: str | None = None,
-    seed: int | None = None,
-    stages: tuple[str, ...] = experiment.STAGES,
-    top_k: int | None = None,
-    seeds: int | None = None,
-    num_cpus: int | None = None,
-    resplit: bool = False,
-    console: Console | None = None,
-) -> Path:
+def run_pipeline(space: str | Path, *, console: Console | None = None, **options: Any) -> Path:
     """Plan, then run every requested stage; returns the experiment folder.
 
     Args:
         space: search space name (`inception`) or YAML path.
-        data_dir: data folder (Kaggle layout, flat class folders or CSV); None: the phantom set.
-        name: experiment name (default `<space>-<timestamp>`).
-        num_samples, max_epochs: explicit budget (disables the automatic CPU budget).
-        smoke: the seconds-long size.
-        address: Ray cluster (`auto`, `ray://host:10001`); None: a local Ray.
-        storage: experiments root (a local or shared path).
-        gpus_per_trial: `auto` or a fraction, overriding the file's resources.gpu.
-        seed: searcher and trial seed.
-        stages: subset of `search`, `retrain`, `ensemble` (search included).
-        top_k, seeds: retrain sizes.
-        num_cpus: CPUs of the local Ray (None: all).
-        resplit: pool the data's train and test and re-split train/val/test by patient.
         console: where to print.
+        options: the run's options, as `experiment.plan_run` takes them (data_dir, name, num_samples,
+            max_epochs, smoke, seed, top_k, seeds, resplit, stages, gpus_per_trial, address, storage, num_cpus);
+            whether a GPU is there is found out here.
     """
     import torch
 
     console = console or Console()
-    if storage and "://" in storage:
-        raise CxrError(f"--storage {storage}: remote storage is not supported yet; give a local or shared "
-                       "(NFS) folder every Ray node can read.")
-    plan = experiment.plan_run(
-        space, data_dir=data_dir, name=name, num_samples=num_samples, max_epochs=max_epochs, smoke=smoke,
-        gpu_available=torch.cuda.is_available() or address is not None, seed=seed, top_k=top_k, seeds=seeds,
-        resplit=resplit, stages=stages, gpus_per_trial=gpus_per_trial, address=address,
-        storage_root=str(Path(storage).resolve()) if storage else None, num_cpus=num_cpus)
+    options.setdefault("gpu_available", torch.cuda.is_available() or options.get("address") is not None)
+    plan = experiment.plan_run(space, **options)
     from cxr_search.search import tune as stage
 
-    root = Path(plan.storage) if plan.storage else experiment.paths.experiments_root()
+    root = Path(plan.storage) if plan.storage else paths.experiments_root()
     if (root / plan.name / experiment.PLAN_FILE).exists():
         raise CxrError(f"experiment '{(root / plan.name).resolve()}' already exists; continue it with "
                        f"`cxr-search resume {(root / plan.name).resolve()}` or pick another --name.")

@@ -120,3 +120,18 @@ def test_quality_flags_are_counted_and_only_unusable_images_quarantined(tmp_path
     assert [Path(q["path"]).name for q in report.quarantined] == ["speck.png"]
     assert "too small" in report.quarantined[0]["reason"]
     assert report.n_usable == 18 + 5
+
+
+def test_train_on_an_unsplittable_set_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cxr_search import cli
+
+    root = _flat(tmp_path / "flat", {"COVID19": 1, "PNEUMONIA": 1, "NORMAL": 1})
+    monkeypatch.setattr(sys, "argv", ["cxr-search", "train", "--backbone", "cnn3", "--data", str(root),
+                                      "--size", "32", "--epochs", "1", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "5 per class" in err

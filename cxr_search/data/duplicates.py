@@ -5,7 +5,8 @@ Three steps, each measured on phantoms (numbers in ``benchmarks/RESULTS.md``):
 
 1. **Signature** (per image, in the decoding workers): constant padding is trimmed from the edges, the image is
    area-resized to ``SIGNATURE_SIZE`` pixels square and rank-normalised (each pixel replaced by its quantile, so
-   any monotone change of brightness, contrast, gamma or bit depth leaves it unchanged). uint8, 9 KB per image.
+   any monotone change of brightness, contrast, gamma or bit depth leaves it unchanged). uint8, 9 KB per image:
+   100,000 images hold 0.9 GB while the duplicates are searched.
 2. **Candidates**: every signature is registered (affine, OpenCV's ECC) to the data set's mean chest, so that
    crops and borders no longer shift the anatomy; the shared anatomy is subtracted and ``imagehash``'s
    perceptual hash (256-bit pHash) of what is left is the index key. Each image's ``NEIGHBOURS`` nearest keys
@@ -25,6 +26,7 @@ of the film).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,7 +34,7 @@ import numpy as np
 SIGNATURE_SIZE = 96  # pixels per side of the stored signature (uint8, rank-normalised)
 INDEX_SIZE = 64  # pixels per side used for registration and the pHash key
 HASH_SIZE = 16  # imagehash pHash side: 16 x 16 = 256 bits
-NEIGHBOURS = 5  # candidates per image (nearest pHash keys)
+NEIGHBOURS = 3  # candidates per image (nearest pHash keys): 3 found all 500 copies among 3,500 films
 MAX_HASH_DISTANCE = 100  # of 256 bits: farther keys are never candidates (copies measured <= 74)
 PREFILTER = 0.93  # correlation of the registered index images below which a candidate is dropped unverified
 NEAR_THRESHOLD = 0.974  # aligned correlation at or above which a pair is a near-duplicate
@@ -54,7 +56,6 @@ def signature(gray: np.ndarray) -> np.ndarray:
         uint8 [SIGNATURE_SIZE ** 2]: padding trimmed, area-resized, rank-normalised.
     """
     import cv2
-    from scipy.stats import rankdata
 
     trimmed = trim_padding(gray)
     # Area averaging to shrink; smooth interpolation to enlarge a small film (INTER_AREA enlarges in blocks, and
@@ -62,8 +63,19 @@ def signature(gray: np.ndarray) -> np.ndarray:
     shrink = min(trimmed.shape) >= SIGNATURE_SIZE
     small = cv2.resize(trimmed.astype(np.float32), (SIGNATURE_SIZE, SIGNATURE_SIZE),
                        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-    ranks = rankdata(small, method="average")  # ties share a rank: flat regions stay flat
-    return np.rint((ranks - 1) * (255.0 / max(1, small.size - 1))).astype(np.uint8)
+    return _quantiles(small).reshape(-1)
+
+
+def _quantiles(values: np.ndarray) -> np.ndarray:
+    """uint8 quantile (rank scaled to 0..255) of each value (grey levels); values within 1/16 level tie.
+
+    A histogram over 1/16 grey levels instead of a sort (scipy's rankdata): 10x faster on 9,216 values.
+    """
+    levels = np.rint((values - values.min()) * 16).astype(np.int64).ravel()  # order only: shift to >= 0
+    counts = np.bincount(levels, minlength=int(levels.max()) + 1)
+    below = np.cumsum(counts) - counts  # values under each level
+    ranks = below[levels] + (counts[levels] - 1) / 2  # mean 0-based rank of the tied values
+    return np.rint(ranks * (255.0 / max(1, levels.size - 1))).astype(np.uint8).reshape(values.shape)
 
 
 def trim_padding(gray: np.ndarray) -> np.ndarray:
@@ -104,12 +116,24 @@ def find_pairs(signatures: np.ndarray, *, threshold: float = NEAR_THRESHOLD) -> 
     small = _resized(images, INDEX_SIZE)
     registered, warps = _registered(small)
     index = _central_unit_rows(registered)
-    for a, b in _nearest_keys(_hash_keys(registered)):
-        if float(index[a] @ index[b]) < PREFILTER:  # cheap: already aligned to the mean chest
-            continue
-        sim = _verify(images[a], images[b], _relative_warp(warps[a], warps[b], SIGNATURE_SIZE / INDEX_SIZE))
+    # cheap first: the registered images are already aligned to the mean chest
+    pairs = [(a, b) for a, b in _nearest_keys(_hash_keys(registered)) if float(index[a] @ index[b]) >= PREFILTER]
+    scale = SIGNATURE_SIZE / INDEX_SIZE
+    sims = _threaded(lambda ab: _verify(images[ab[0]], images[ab[1]],
+                                        _relative_warp(warps[ab[0]], warps[ab[1]], scale)), pairs)
+    for (a, b), sim in zip(pairs, sims, strict=True):
         if sim >= threshold:
             yield a, b, sim
+
+
+def _threaded(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` on one thread per core: OpenCV releases the GIL inside ECC and warps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(items) < 64:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(fn, items, chunksize=32))
 
 
 def _standardised(signatures: np.ndarray) -> np.ndarray:
@@ -130,12 +154,9 @@ def _registered(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     template = cv2.GaussianBlur(images.mean(axis=0), (0, 0), 1.0)
     size = images.shape[1]
-    out = np.empty_like(images)
-    warps = np.empty((len(images), 2, 3), np.float32)
-    for i, im in enumerate(images):
-        warp = _align(template, im)
-        warps[i] = warp if warp is not None else np.eye(2, 3, dtype=np.float32)
-        out[i] = _warp(im, warps[i], size)
+    identity = np.eye(2, 3, dtype=np.float32)
+    warps = np.stack([w if w is not None else identity for w in _threaded(lambda im: _align(template, im), list(images))])
+    out = np.stack([_warp(im, w, size) for im, w in zip(images, warps, strict=True)])
     return out, warps
 
 

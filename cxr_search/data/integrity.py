@@ -37,6 +37,7 @@ from cxr_search.data.split import make_splits, split_problem
 THUMB_SIZE = near.SIGNATURE_SIZE  # pixels per side of the near-duplicate signature kept per image
 NEAR_THRESHOLD = near.NEAR_THRESHOLD  # aligned correlation at or above which two images are near-duplicates
 MAX_PAIRS = 100_000  # report at most this many duplicate pairs (a too-low threshold would list N^2)
+STATS_SIDE = 256  # px: quality statistics and the signature are taken on the image shrunk to this longer side
 SERIAL_BELOW = 64  # decode fewer files than this in-process: starting worker processes costs more
 
 
@@ -113,10 +114,22 @@ def examine_file(path: str, preprocess: Callable[[np.ndarray], np.ndarray] | Non
         return ImageFacts(False, " ".join(f"unexpected decoder error: {type(e).__name__}: {e}".split()))
     digest = hashlib.blake2b(f"{gray.shape}".encode() + gray.tobytes(), digest_size=16).hexdigest()
     image = preprocess(gray) if preprocess is not None else None
-    stats = quality.image_stats(gray)
+    small = _shrink(gray, STATS_SIDE)
+    stats = quality.image_stats(small)
     flags = ",".join(quality.quality_flags(stats, *gray.shape))
-    return ImageFacts(True, "", fmt, int(gray.shape[0]), int(gray.shape[1]), digest, near.signature(gray), image,
+    return ImageFacts(True, "", fmt, int(gray.shape[0]), int(gray.shape[1]), digest, near.signature(small), image,
                       os.path.getsize(path), stats, flags)
+
+
+def _shrink(gray: np.ndarray, side: int) -> np.ndarray:
+    """``gray`` area-averaged so that its longer side is at most ``side`` (statistics and signature need no more)."""
+    import cv2
+
+    scale = side / max(gray.shape)
+    if scale >= 1:
+        return gray
+    h, w = (max(1, round(d * scale)) for d in gray.shape)
+    return cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def examine_files(

@@ -10,9 +10,9 @@ Three steps, each measured on phantoms (numbers in ``benchmarks/RESULTS.md``):
 2. **Candidates**: every signature is registered (affine, OpenCV's ECC) to the data set's mean chest, so that
    crops and borders no longer shift the anatomy; the shared anatomy is subtracted and ``imagehash``'s
    perceptual hash (256-bit pHash) of what is left is the index key. Each image's ``NEIGHBOURS`` nearest keys
-   (exact Hamming search in a faiss binary index: memory grows with N, not N^2) are its candidates. pHash of the plain images is no
-   index here: chest films share their anatomy, and 1,308 pairs of *different* phantom patients among 3,000 lay
-   within 4 of 64 bits.
+   (exact Hamming search in a faiss binary index: memory grows with N, not N^2) are its candidates. pHash of the
+   plain images is no index here: chest films share their anatomy, and 1,308 pairs of *different* phantom
+   patients among 3,000 lay within 4 of 64 bits.
 3. **Verification** of each candidate pair: the second signature is aligned to the first (affine ECC); a pair
    is a near-duplicate only if the alignment needs no rotation or shear (re-exports never rotate; a second
    exposure of the same patient almost always does) and the aligned images correlate at ``NEAR_THRESHOLD`` or

@@ -36,7 +36,8 @@ def data_synth(
     seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same bytes."),
     difficulty: str = typer.Option("mixed", "--difficulty", help="easy | mixed | hard: lesion severity mix."),
     inject: str = typer.Option(
-        "", "--inject", help="Comma-separated failure modes to inject: duplicates,confounder,corrupt."
+        "", "--inject", help="Comma-separated failure modes to inject: duplicates (re-exported copies, the transform "
+        "in manifest.csv), confounder (marker on COVID19), corrupt (bad files), source (NORMAL from another hospital)."
     ),
 ) -> None:
     """Write seeded procedural chest X-ray phantoms with lesion masks and a manifest."""
@@ -53,17 +54,20 @@ def data_synth(
 def data_check(
     data_dir: Path = typer.Argument(..., help="Data folder (Kaggle or flat class folders) or a CSV manifest."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 on duplicates or patients shared across splits."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 1 on any duplicate pair (within or across splits), patient shared across "
+        "splits or label conflict."),
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: all cores)."),
 ) -> None:
-    """Decode every image and report unusable files, sizes, formats, duplicates and patient leakage."""
+    """Decode every image and report unusable files, sizes, formats, duplicates, label conflicts, patient leakage,
+    quality flags, source shortcuts and whether the set can be split."""
     from cxr_search.data import integrity
 
     report = integrity.check(data_dir, workers=workers, progress=True)
     integrity.print_report(report, console)
     if json_out is not None:
         report.write_json(json_out)
-    if strict and report.cross_split_leakage:
+    if strict and report.strict_failures:
         raise typer.Exit(1)
 
 

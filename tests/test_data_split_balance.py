@@ -90,8 +90,22 @@ def test_bad_fraction_or_too_few_patients_is_a_clear_error():
     labels, patients, split = _dataset()
     with pytest.raises(CxrError, match="val_fraction"):
         make_splits(labels, patients, split, val_fraction=0.0)
-    with pytest.raises(CxrError, match="only 3 patients"):
+    with pytest.raises(CxrError, match=r"too few .*5 per class"):  # one image per class: train needs all three
         make_splits(np.array([0, 1, 2]), np.array(["a", "b", "c"]), np.array(["train"] * 3))
+    with pytest.raises(CxrError, match=r"too few images to split by patient: 2 patient"):
+        make_splits(np.array([0, 1]), np.array(["a", "b"]), np.array(["", ""]))
+
+
+@pytest.mark.parametrize("per_class", [(5, 5, 5), (4, 3, 3)])
+def test_tiny_flat_sets_split_with_every_class_in_training(per_class):
+    """15 images (5 per class) and 10 images in all used to raise sklearn's "n_splits=5 cannot be greater..."."""
+    labels = np.repeat([0, 1, 2], per_class)
+    patients = np.array([f"p{i}" for i in range(len(labels))])
+    for seed in range(5):
+        s = make_splits(labels, patients, np.full(len(labels), ""), seed=seed)
+        assert set(labels[s["train"]]) == {0, 1, 2}
+        assert len(s["val"]) and len(s["test"])
+        assert sorted(np.concatenate([s["train"], s["val"], s["test"]]).tolist()) == list(range(len(labels)))
 
 
 def test_oversampling_repeats_minorities_up_to_the_majority():

@@ -141,22 +141,49 @@ def test_manifest_counts_equal_the_injections_done(phantoms_with_injections):
     assert len(rows) == summary["n_files"] == 120 + counts["duplicate"] + counts["corrupt"]
 
 
-def test_duplicates_are_altered_copies_of_train_images_in_test_under_the_same_patient(phantoms_with_injections):
+def _undo_geometry(dup: np.ndarray, src: np.ndarray, transform: str) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of a copy and its source that show the same pixels, from the recorded crop/border box."""
+    kind, *params = transform.split(" ")
+    if kind not in ("crop", "border"):
+        return dup, src
+    box = {k: int(v) for k, v in (p.split("=") for p in params)}
+    top, bottom, left, right = box["top"], box["bottom"], box["left"], box["right"]
+    if kind == "crop":
+        return dup, src[top:src.shape[0] - bottom, left:src.shape[1] - right]
+    return dup[top:dup.shape[0] - bottom, left:dup.shape[1] - right], src
+
+
+def test_duplicates_are_reexported_copies_of_train_images_in_test_under_the_same_patient(phantoms_with_injections):
     rows = _manifest(phantoms_with_injections)
     by_path = {r["path"]: r for r in rows}
     duplicates = [r for r in rows if r["injected"] == "duplicate"]
+    assert [r["transform"].split(" ")[0] for r in duplicates] == list(phantoms.DUPLICATE_TRANSFORMS[:len(duplicates)])
     for dup in duplicates:
         src = by_path[dup["duplicate_of"]]
         assert dup["split"] == "test" and src["split"] == "train"
         assert (dup["patient_id"], dup["label"]) == (src["patient_id"], src["label"])
-        a, b = (_gray(phantoms_with_injections / p, 32).ravel() for p in (dup["path"], src["path"]))
-        assert np.corrcoef(a, b)[0, 1] > 0.97
+        a, b = _undo_geometry(_gray(phantoms_with_injections / dup["path"]), _gray(phantoms_with_injections / src["path"]),
+                              dup["transform"])
+        a, b = (np.asarray(Image.fromarray(x).resize((32, 32), Image.BILINEAR)).ravel() for x in (a, b))
+        assert np.corrcoef(a, b)[0, 1] > 0.97, dup["transform"]
         assert (phantoms_with_injections / dup["path"]).read_bytes() != (phantoms_with_injections / src["path"]).read_bytes()
     clean = [r for r in rows if r["injected"] not in ("duplicate", "corrupt")]
     splits = {}
     for r in clean:
         splits.setdefault(r["patient_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in splits.values())  # the leak comes only from the injected duplicates
+
+
+def test_source_injection_gives_normal_films_their_own_size_and_format(tmp_path):
+    root = Path(phantoms.generate(tmp_path / "s", n_images=60, size=48, seed=0, inject="source", progress=False)["out"])
+    looks = {}
+    for r in _manifest(root):
+        with Image.open(root / r["path"]) as im:
+            looks.setdefault(r["label"], []).append((im.format, im.mode, im.size[0] == im.size[1], max(im.size)))
+        assert (r["injected"] == "source") == (r["label"] == phantoms.SOURCE_CLASS)
+    assert all(look[:3] == ("JPEG", "RGB", True) and look[3] >= 48 * 1.4 for look in looks["NORMAL"])
+    others = looks["COVID19"] + looks["PNEUMONIA"]
+    assert len({look[:2] for look in others}) > 1  # the other classes keep the mixed formats
 
 
 def test_corrupt_files_fail_to_decode(phantoms_with_injections):

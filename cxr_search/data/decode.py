@@ -1,10 +1,14 @@
 """Safe decoding of one X-ray file to an 8-bit grayscale array.
 
 Formats are whitelisted by content (magic bytes), never by file extension: PNG, JPEG, BMP, TIFF (Pillow) and
-DICOM (pydicom). Pillow's decompression-bomb guard stays on and is treated as an error. High bit-depth data
-(16-bit PNG/TIFF, 32-bit integer or float images, DICOM) is scaled explicitly from the image's actual value
-range to 0..255, which keeps the ordering of values; Pillow's own ``convert("L")`` would clamp them.
-Every failure is a :class:`DecodeError` with a one-line reason for the integrity report.
+DICOM (pydicom), including DICOM written without the 128-byte preamble and "DICM" header (recognised by its
+first data element). Compressed DICOM pixel data (JPEG Lossless, JPEG Extended 12-bit, JPEG-LS, JPEG 2000, RLE)
+is decoded by pydicom's plugins (pylibjpeg with -libjpeg, -openjpeg and -rle). Multi-frame DICOM gives its
+first frame, and says so in the format ("DICOM/MONOCHROME2/first of 10 frames"). Pillow's decompression-bomb
+guard stays on and is treated as an error. High bit-depth data (16-bit PNG/TIFF, 32-bit integer or float
+images, DICOM) is scaled explicitly from the image's actual value range to 0..255, which keeps the ordering of
+values; Pillow's own ``convert("L")`` would clamp them. Every failure is a :class:`DecodeError` with a one-line
+reason a person understands ("DICOM holds no image: RT Plan") for the integrity report.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ class DecodeError(Exception):
         self.reason = reason
 
 
+# DICOM without preamble starts with its first data element: group 0x0002 (file meta) or 0x0008 (identifying),
+# little or big endian, then an element number and, in explicit VR, two upper-case letters.
+_HEADERLESS_DICOM_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x00\x08")
+
+
 def sniff_format(head: bytes) -> str | None:
     """The accepted format whose signature starts ``head`` (the first 132 bytes of a file), else None."""
     if len(head) >= 132 and head[128:132] == b"DICM":
@@ -46,6 +55,11 @@ def sniff_format(head: bytes) -> str | None:
     for magic, fmt in _SIGNATURES:
         if head.startswith(magic):
             return fmt
+    if len(head) >= 8 and head[:2] in _HEADERLESS_DICOM_GROUPS:
+        explicit_vr = head[4:6].isalpha() and head[4:6].isupper()
+        implicit_length = int.from_bytes(head[4:8], "little") < 1 << 16  # a short first element
+        if explicit_vr or implicit_length:
+            return "DICOM-headerless"
     return None
 
 
@@ -77,8 +91,8 @@ def decode_with_info(path: str | Path) -> tuple[np.ndarray, str]:
     fmt = sniff_format(head)
     if fmt is None:
         raise DecodeError(f"not a supported image: content is none of {', '.join(ACCEPTED_FORMATS)}")
-    if fmt == "DICOM":
-        return _decode_dicom(path)
+    if fmt.startswith("DICOM"):
+        return _decode_dicom(path, headerless=fmt == "DICOM-headerless")
     return _decode_pillow(path, fmt)
 
 
@@ -139,33 +153,101 @@ def scale_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0).astype(np.uint8)
 
 
-def _decode_dicom(path: Path) -> tuple[np.ndarray, str]:
+def _decode_dicom(path: Path, headerless: bool = False) -> tuple[np.ndarray, str]:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, force=headerless)
+    except Exception as e:  # pydicom raises many types for bad headers; all are a reason here
+        raise DecodeError(f"unreadable DICOM header: {_one_line(e)}") from None
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        _set_transfer_syntax(ds)  # no file meta header: say how the reader found the data encoded
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")) \
+            or "Rows" not in ds or "Columns" not in ds:
+        kind = _dicom_kind(ds)
+        if kind.endswith("Image"):  # an image object whose pixels were left out (a header-only export)
+            raise DecodeError(f"DICOM {kind} without pixel data (header only)")
+        raise DecodeError(f"DICOM holds no image: {kind}")
+    try:
         rows, cols = int(ds.Rows), int(ds.Columns)
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and rows * cols > limit:  # the same guard Pillow applies to other formats
-            raise DecodeError(f"decompression bomb guard: {rows}x{cols} pixels exceeds the limit of {limit}")
-        arr = ds.pixel_array
-    except DecodeError:
-        raise
-    except Exception as e:  # pydicom raises many types for bad or compressed data; all are a reason here
-        raise DecodeError(f"unreadable DICOM: {type(e).__name__}: {e}") from None
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        arr = arr[0]  # multi-frame: the first frame
+    except (TypeError, ValueError) as e:
+        raise DecodeError(f"DICOM image size unreadable: {_one_line(e)}") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and rows * cols > limit:  # the same guard Pillow applies to other formats
+        raise DecodeError(f"decompression bomb guard: {rows}x{cols} pixels exceeds the limit of {limit}")
+    frames = _int_or(ds.get("NumberOfFrames"), 1)
+    try:
+        from pydicom.pixels import pixel_array
+
+        arr = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # multi-frame: decode the first only
+    except Exception as e:  # missing decoder, truncated or inconsistent pixel data
+        raise DecodeError(_pixel_reason(ds, e)) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    described = f"DICOM/{photometric}" + (f"/first of {frames} frames" if frames > 1 else "")
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as e:
+            raise DecodeError(f"DICOM palette colour image without a usable palette: {_one_line(e)}") from None
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        if arr.ndim != 3:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
             raise DecodeError(f"unsupported DICOM photometric interpretation {photometric}")
-        rgb = arr.astype(np.float64)  # pydicom returns RGB for colour data it can convert
+        rgb = arr.astype(np.float64)  # pydicom returns RGB for the colour data it converts (YBR included)
         gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        return scale_to_uint8(gray), f"DICOM/{photometric}"
+        return scale_to_uint8(gray), described
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     values = apply_modality_lut(arr, ds)  # stored values -> physical units (rescale slope/intercept or LUT)
     values = apply_voi_lut(values, ds)  # window/VOI LUT when the file defines one; unchanged otherwise
     gray = scale_to_uint8(values)
     if photometric == "MONOCHROME1":  # minimum value is white: invert so that dense tissue is bright
         gray = 255 - gray
-    return gray, f"DICOM/{photometric}"
+    return gray, described
+
+
+def _set_transfer_syntax(ds) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = ds.original_encoding
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _dicom_kind(ds) -> str:
+    """What a DICOM file holds, in words: its SOP class ("RT Plan", "Basic Text SR"), else modality."""
+    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    name = getattr(uid, "name", "") if uid else ""
+    if name and name != str(uid):
+        return name.removesuffix(" Storage")
+    if ds.get("DirectoryRecordSequence") is not None:
+        return "a DICOMDIR (an index of other files)"
+    modality = ds.get("Modality")
+    return f"modality {modality}" if modality else "no pixel data, no SOP class"
+
+
+def _pixel_reason(ds, error: Exception) -> str:
+    text = _one_line(error)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax_name = getattr(syntax, "name", str(syntax or "unknown transfer syntax"))
+    if "missing dependencies" in text or "Unable to decode" in text or "Unable to decompress" in text:
+        return f"DICOM pixel data ({syntax_name}) could not be decoded: {text[:200]}"
+    if "less than expected" in text or "truncated" in text.lower():
+        return f"DICOM pixel data truncated: {text[:200]}"
+    return f"unreadable DICOM pixel data ({syntax_name}): {type(error).__name__}: {text[:200]}"
+
+
+def _int_or(value, default: int) -> int:
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _one_line(error: Exception) -> str:
+    """An exception message on one line (pydicom's span several), for the report."""
+    return " ".join(str(error).split())

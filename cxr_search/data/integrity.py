@@ -1,14 +1,13 @@
-"""Integrity report of a data folder: what is usable, what is not and why, duplicates and patient leakage.
+"""Integrity report of a data folder: what is usable, what is not and why, duplicates, label conflicts, patient
+leakage, quality flags and source shortcuts.
 
 Every file is decoded once (in parallel over the cores); failures are quarantined with the decoder's reason,
-never raised. Exact duplicates share a hash of their decoded pixels. Near-duplicates are found on 32x32
-thumbnails: each is normalised to zero mean and unit norm, the data set's mean thumbnail is subtracted (chest
-X-rays share their anatomy, so raw thumbnails of different patients already correlate at ~0.9) and pairs whose
-cosine similarity reaches ``NEAR_THRESHOLD`` are reported; the similarities are one blocked matrix product.
-Below ``MIN_CENTRED`` usable images the mean is no anatomy template, so raw thumbnails are compared against the
-stricter ``RAW_THRESHOLD``. Measured on phantoms: injected near-duplicates (rescaled, noised, re-encoded)
-score >= 0.9988 centred at 128 px (1,545 images) and >= 0.995 at 64 px, while the most similar other pairs
-score 0.956 (different patients, 1.2 M pairs) and 0.983 (two exposures of one patient at 64 px).
+never raised. Exact duplicates share a hash of their decoded pixels. Near-duplicates (re-exports: re-encoded,
+rescaled, cropped, padded, brightness/contrast/gamma, bit depth, channels) are found by
+:mod:`cxr_search.data.duplicates` from a small signature kept per image. A duplicate pair whose two images
+carry different labels is a label conflict. Quality flags come from :mod:`cxr_search.data.quality`; the
+source-shortcut audit (label predicted from metadata and non-lung image statistics) from
+:mod:`cxr_search.data.shortcuts`.
 """
 
 from __future__ import annotations
@@ -28,14 +27,17 @@ import numpy as np
 import pandas as pd
 
 from cxr_search import CLASSES
+from cxr_search.data import duplicates as near
+from cxr_search.data import quality, shortcuts
 from cxr_search.data.decode import DecodeError, decode_with_info
 from cxr_search.data.scan import ScanResult, relative_path, scan
+from cxr_search.data.split import make_splits, split_problem
 
-THUMB_SIZE = 32  # pixels per side of the near-duplicate thumbnails
-NEAR_THRESHOLD = 0.99  # cosine similarity of centred thumbnails at or above which two images are near-duplicates
-RAW_THRESHOLD = 0.995  # the same for uncentred thumbnails (small sets)
-MIN_CENTRED = 50  # usable images needed to centre thumbnails on the data set's mean
+# The array cache keys on these two (cache.py): the signature's side and the near-duplicate threshold.
+THUMB_SIZE = near.SIGNATURE_SIZE  # pixels per side of the near-duplicate signature kept per image
+NEAR_THRESHOLD = near.NEAR_THRESHOLD  # aligned correlation at or above which two images are near-duplicates
 MAX_PAIRS = 100_000  # report at most this many duplicate pairs (a too-low threshold would list N^2)
+STATS_SIDE = 256  # px: quality statistics and the signature are taken on the image shrunk to this longer side
 SERIAL_BELOW = 64  # decode fewer files than this in-process: starting worker processes costs more
 
 
@@ -49,8 +51,11 @@ class ImageFacts:
     height: int = 0
     width: int = 0
     pixel_hash: str = ""
-    thumb: np.ndarray | None = None  # float32 [THUMB_SIZE * THUMB_SIZE]
+    thumb: np.ndarray | None = None  # uint8 [THUMB_SIZE * THUMB_SIZE], the near-duplicate signature
     image: np.ndarray | None = None
+    file_bytes: int = 0
+    stats: dict[str, float] = field(default_factory=dict)  # quality.image_stats
+    flags: str = ""  # quality flags, comma-separated
 
 
 @dataclass
@@ -66,14 +71,22 @@ class IntegrityReport:
     size_range: dict[str, int]  # min/median/max of height and width
     modes: dict[str, int]  # "FORMAT/mode" -> images
     quarantined: list[dict[str, str]]  # {"path", "reason"}, paths relative to root
-    duplicates: list[dict[str, Any]]  # {"a", "b", "split_a", "split_b", "kind", "similarity"}
+    duplicates: list[dict[str, Any]]  # {"a", "b", "split_a", "split_b", "label_a", "label_b", "kind", "similarity"}
     shared_patients: list[dict[str, Any]]  # {"patient_id", "splits", "n_images"}: patients in 2+ splits
+    label_conflicts: list[dict[str, Any]] = field(default_factory=list)  # duplicate pairs with two labels
+    quality: dict[str, Any] = field(default_factory=dict)  # {"counts": {flag: n}, "examples": {flag: [paths]}}
+    shortcut: dict[str, Any] = field(default_factory=dict)  # shortcuts.audit result
     summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def cross_split_leakage(self) -> bool:
         return bool(self.summary.get("cross_split_duplicate_pairs") or self.shared_patients)
+
+    @property
+    def strict_failures(self) -> bool:
+        """What ``data check --strict`` fails on: any duplicate pair, shared patient or label conflict."""
+        return bool(self.duplicates or self.shared_patients or self.label_conflicts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,20 +103,33 @@ def examine_file(path: str, preprocess: Callable[[np.ndarray], np.ndarray] | Non
         path: the image file.
         preprocess: optional function of the decoded uint8 [H, W] image whose result is kept in ``image``.
     """
-    import cv2
-
     try:
         gray, fmt = decode_with_info(path)
-        if gray.ndim != 2 or min(gray.shape) < 2:
-            raise DecodeError(f"degenerate image of shape {gray.shape}")
+        if gray.ndim != 2 or min(gray.shape) < quality.MIN_SIDE:
+            raise DecodeError(f"image too small to use ({'x'.join(map(str, gray.shape[::-1]))} px; "
+                              f"at least {quality.MIN_SIDE} px a side)")
     except DecodeError as e:
         return ImageFacts(False, e.reason)
     except Exception as e:  # a decoder bug must not stop a scan of thousands of files
-        return ImageFacts(False, f"unexpected decoder error: {type(e).__name__}: {e}")
+        return ImageFacts(False, " ".join(f"unexpected decoder error: {type(e).__name__}: {e}".split()))
     digest = hashlib.blake2b(f"{gray.shape}".encode() + gray.tobytes(), digest_size=16).hexdigest()
-    thumb = cv2.resize(gray, (THUMB_SIZE, THUMB_SIZE), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
     image = preprocess(gray) if preprocess is not None else None
-    return ImageFacts(True, "", fmt, int(gray.shape[0]), int(gray.shape[1]), digest, thumb, image)
+    small = _shrink(gray, STATS_SIDE)
+    stats = quality.image_stats(small)
+    flags = ",".join(quality.quality_flags(stats, *gray.shape))
+    return ImageFacts(True, "", fmt, int(gray.shape[0]), int(gray.shape[1]), digest, near.signature(small), image,
+                      os.path.getsize(path), stats, flags)
+
+
+def _shrink(gray: np.ndarray, side: int) -> np.ndarray:
+    """``gray`` area-averaged so that its longer side is at most ``side`` (statistics and signature need no more)."""
+    import cv2
+
+    scale = side / max(gray.shape)
+    if scale >= 1:
+        return gray
+    h, w = (max(1, round(d * scale)) for d in gray.shape)
+    return cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def examine_files(
@@ -155,10 +181,16 @@ def examine_files(
 
 
 def facts_table(scan_result: ScanResult, facts: Sequence[ImageFacts]) -> pd.DataFrame:
-    """Scan records joined with their decode facts (one row per record; thumbnails and images left out)."""
+    """Scan records joined with their decode facts (one row per record; signatures and images left out).
+
+    Columns: the scan's, then ok, reason, format, height, width, pixel_hash, file_bytes, flags and one
+    ``stat_<name>`` per :data:`cxr_search.data.quality.STAT_NAMES` (NaN for unusable files).
+    """
     table = scan_result.records.copy()
-    for name in ("ok", "reason", "format", "height", "width", "pixel_hash"):
+    for name in ("ok", "reason", "format", "height", "width", "pixel_hash", "file_bytes", "flags"):
         table[name] = [getattr(f, name) for f in facts]
+    for name in quality.STAT_NAMES:
+        table[f"stat_{name}"] = [f.stats.get(name, np.nan) for f in facts]
     return table
 
 
@@ -169,13 +201,12 @@ def find_duplicates(
 
     Args:
         pixel_hashes: hash of each image's decoded pixels.
-        thumbs: float [N, THUMB_SIZE**2] raw thumbnails, same order.
-        threshold: cosine similarity of centred, normalised thumbnails at or above which a pair is near.
+        thumbs: uint8 [N, THUMB_SIZE**2] near-duplicate signatures (:func:`cxr_search.data.duplicates.signature`).
+        threshold: aligned correlation at or above which a verified pair is near.
 
     Returns:
         DataFrame with columns a, b (row indices, a < b), kind ("exact" | "near"), similarity.
     """
-    n = len(pixel_hashes)
     pairs: dict[tuple[int, int], tuple[str, float]] = {}
     groups: dict[str, list[int]] = {}
     for i, h in enumerate(pixel_hashes):
@@ -184,8 +215,8 @@ def find_duplicates(
         for x, a in enumerate(members):
             for b in members[x + 1:]:
                 pairs[(a, b)] = ("exact", 1.0)
-    if n > 1:
-        for a, b, s in _near_pairs(np.asarray(thumbs, dtype=np.float32), threshold):
+    if len(pixel_hashes) > 1:
+        for a, b, s in near.find_pairs(np.asarray(thumbs), threshold=threshold):
             pairs.setdefault((a, b), ("near", s))
             if len(pairs) >= MAX_PAIRS:
                 break
@@ -193,34 +224,17 @@ def find_duplicates(
     return pd.DataFrame(rows, columns=["a", "b", "kind", "similarity"]).astype({"a": "int64", "b": "int64"})
 
 
-def _near_pairs(thumbs: np.ndarray, threshold: float, block: int = 1024) -> Iterator[tuple[int, int, float]]:
-    x = _unit_rows(thumbs - thumbs.mean(axis=1, keepdims=True))
-    if len(x) >= MIN_CENTRED:
-        x = _unit_rows(x - x.mean(axis=0, keepdims=True))  # remove the anatomy every chest X-ray shares
-    else:
-        threshold = max(threshold, RAW_THRESHOLD)
-    for start in range(0, len(x), block):
-        sim = x[start:start + block] @ x[start:].T  # only the upper triangle: pairs (a, b) with a < b
-        rows, cols = np.nonzero(np.triu(sim >= threshold, k=1))
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            yield start + r, start + c, float(sim[r, c])
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm; all-zero rows (blank images) stay zero and match nothing."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.where(norms > 1e-6, x / np.maximum(norms, 1e-6), 0.0).astype(np.float32)
-
-
 def summarize(
-    scan_result: ScanResult, table: pd.DataFrame, pairs: pd.DataFrame
+    scan_result: ScanResult, table: pd.DataFrame, pairs: pd.DataFrame, *, shortcut: dict[str, Any] | None = None
 ) -> IntegrityReport:
     """Build the report from a facts table (:func:`facts_table`) and duplicate pairs over its usable rows.
 
     Args:
         scan_result: the scan (root, layout and the entries it set aside).
-        table: one row per record with ok/reason/format/height/width/pixel_hash.
+        table: one row per record with ok/reason/format/height/width/pixel_hash (and the quality columns).
         pairs: :func:`find_duplicates` output, indices into ``table[table.ok]`` (usable rows, in order).
+        shortcut: a :func:`cxr_search.data.shortcuts.audit` result computed earlier (the audit fits a
+            classifier: callers that cache it pass it here); None runs the audit now.
     """
     root = scan_result.root
     rel = [relative_path(p, root) for p in table["path"].tolist()]  # lists: iterating arrow strings is slow
@@ -245,14 +259,16 @@ def summarize(
                 f"min_{dim}": int(usable[dim].min()), f"median_{dim}": int(usable[dim].median()),
                 f"max_{dim}": int(usable[dim].max()),
             })
-    split_of = usable["split"].tolist()
+    split_of, label_of = usable["split"].tolist(), usable["label"].tolist()
     duplicates = [
         {
             "a": usable_rel[a], "b": usable_rel[b], "split_a": split_of[a], "split_b": split_of[b],
-            "kind": kind, "similarity": float(sim),
+            "label_a": label_of[a], "label_b": label_of[b], "kind": kind, "similarity": float(sim),
         }
         for a, b, kind, sim in pairs.itertuples(index=False)
     ]
+    conflicts = [{k: d[k] for k in ("a", "b", "label_a", "label_b", "kind", "similarity")}
+                 for d in duplicates if d["label_a"] != d["label_b"]]
     shared = []
     if usable["split"].nunique() > 1:
         n_splits = usable.groupby("patient_id")["split"].nunique()
@@ -269,16 +285,37 @@ def summarize(
         "patients": int(usable["patient_id"].nunique()),
         "patients_in_several_splits": len(shared),
         "quarantined": len(quarantined),
+        "label_conflicts": len(conflicts),
         "near_threshold": NEAR_THRESHOLD,
-        "thumb_size": THUMB_SIZE,
+        "signature_size": THUMB_SIZE,
     }
+    if shortcut is None:
+        shortcut = shortcuts.audit(usable)
     report = IntegrityReport(
         root=str(root), layout=scan_result.layout, n_files=len(table), n_usable=len(usable), counts=counts,
         sizes=sizes, size_range=size_range, modes=dict(Counter(usable["format"].tolist()).most_common()),
-        quarantined=quarantined, duplicates=duplicates, shared_patients=shared, summary=summary,
+        quarantined=quarantined, duplicates=duplicates, shared_patients=shared, label_conflicts=conflicts,
+        quality=_quality(usable, usable_rel), shortcut=shortcut, summary=summary,
     )
     report.warnings = _warnings(report)
+    problem = split_problem(usable["label"].to_numpy(str), usable["patient_id"].to_numpy(str),
+                            usable["split"].to_numpy(str))
+    if problem:
+        report.warnings.append(problem)
     return report
+
+
+def _quality(usable: pd.DataFrame, paths: list[str], n_examples: int = 5) -> dict[str, Any]:
+    """Images per quality flag, with a few example paths each."""
+    flags = usable["flags"].tolist() if "flags" in usable else [""] * len(usable)
+    counts = dict.fromkeys(quality.FLAGS, 0)
+    examples: dict[str, list[str]] = {}
+    for path, joined in zip(paths, flags, strict=True):
+        for flag in filter(None, str(joined).split(",")):
+            counts[flag] = counts.get(flag, 0) + 1
+            if len(examples.setdefault(flag, [])) < n_examples:
+                examples[flag].append(path)
+    return {"counts": counts, "examples": examples}
 
 
 def _warnings(report: IntegrityReport) -> list[str]:
@@ -292,6 +329,16 @@ def _warnings(report: IntegrityReport) -> list[str]:
         out.append(f"{s['within_split_duplicate_pairs']} duplicate pairs within a split")
     if report.shared_patients:
         out.append(f"{len(report.shared_patients)} patients have images in more than one split")
+    if report.label_conflicts:
+        out.append(f"{len(report.label_conflicts)} label conflicts: the same image under two labels "
+                   "(see 'label_conflicts')")
+    flagged = {f: n for f, n in report.quality.get("counts", {}).items() if n}
+    if flagged:
+        out.append("quality flags (kept, not quarantined): " + ", ".join(
+            f"{n} {quality.FLAG_TEXT.get(f, f)}" for f, n in flagged.items()))
+    shortcut_warning = shortcuts.warning(report.shortcut)
+    if shortcut_warning:
+        out.append(shortcut_warning)
     for split, per_class in report.counts.items():
         empty = [c for c, n in per_class.items() if n == 0]
         if empty:
@@ -314,9 +361,31 @@ def check(
     facts = list(examine_files(paths, workers=workers, progress=progress))
     table = facts_table(scan_result, facts)
     usable = [f for f in facts if f.ok]
-    thumbs = np.stack([f.thumb for f in usable]) if usable else np.zeros((0, THUMB_SIZE**2), np.float32)
+    thumbs = np.stack([f.thumb for f in usable]) if usable else np.zeros((0, THUMB_SIZE**2), np.uint8)
     pairs = find_duplicates([f.pixel_hash for f in usable], thumbs)
-    return summarize(scan_result, table, pairs)
+    report = summarize(scan_result, table, pairs)
+    ok = table[table["ok"].astype(bool)]
+    if not any(w.startswith("too few images to split") for w in report.warnings):
+        report.warnings += _split_check(ok, pairs)
+    return report
+
+
+def _split_check(usable: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
+    """Draw the default split now, as ``train``/``run`` will: its error, or the classes val/test would lack."""
+    from cxr_search.errors import CxrError
+
+    labels = usable["label"].map(CLASSES.index).to_numpy(np.int64)
+    try:
+        idx = make_splits(labels, usable["patient_id"].to_numpy(str), usable["split"].to_numpy(str),
+                          duplicate_pairs=pairs[["a", "b"]].to_numpy())
+    except CxrError as e:
+        return [f"cannot be split for training: {e}"]
+    out = []
+    for name in ("val", "test"):
+        missing = [c for i, c in enumerate(CLASSES) if not (labels[idx[name]] == i).any()]
+        if missing:
+            out.append(f"with the default split, {name} would hold no image of {', '.join(missing)}")
+    return out
 
 
 def print_report(report: IntegrityReport | dict[str, Any], console: Any, *, max_rows: int = 15) -> None:
@@ -351,6 +420,17 @@ def print_report(report: IntegrityReport | dict[str, Any], console: Any, *, max_
                 r["duplicates"], max_rows)
     _print_rows(console, "patients in more than one split", ["patient_id", "splits", "n_images"],
                 r["shared_patients"], max_rows)
+    _print_rows(console, "label conflicts (one image, two labels)", ["a", "b", "label_a", "label_b", "kind"],
+                r.get("label_conflicts", []), max_rows)
+    flagged = {f: n for f, n in r.get("quality", {}).get("counts", {}).items() if n}
+    console.print("quality flags: " + (", ".join(f"{f} {n}" for f, n in flagged.items()) or "none"))
+    sc = r.get("shortcut", {})
+    if sc.get("status") == "ok":
+        console.print(f"source-shortcut audit (label from metadata and non-lung image statistics): balanced "
+                      f"accuracy {sc['balanced_accuracy']:.3f} [{sc['ci'][0]:.3f}, {sc['ci'][1]:.3f}], chance "
+                      f"{sc['chance']:.3f} over {sc['n_images']} images")
+    elif sc:
+        console.print(f"source-shortcut audit skipped: {sc.get('reason', '')}")
     for w in r["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
 

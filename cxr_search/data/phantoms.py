@@ -31,10 +31,19 @@ from cxr_search.paths import cache_root
 
 GENERATOR_VERSION = 1  # bump when the rendering changes, so default_dataset() does not reuse stale caches
 CLASS_MIX = {"COVID19": 576 / 6432, "PNEUMONIA": 4273 / 6432, "NORMAL": 1583 / 6432}  # the Kaggle set's mix
-INJECTIONS = ("duplicates", "confounder", "corrupt")
-INJECTED_MARKS = {"duplicates": "duplicate", "confounder": "confounder", "corrupt": "corrupt"}  # manifest values
+INJECTIONS = ("duplicates", "confounder", "corrupt", "source")
+INJECTED_MARKS = {"duplicates": "duplicate", "confounder": "confounder", "corrupt": "corrupt",
+                  "source": "source"}  # manifest values
+# What a re-export does to a film, one transform per injected duplicate (recorded in the manifest's
+# ``transform`` column as e.g. "jpeg q=63"). "jpeg" uses the qualities exports use (50-95); "jpeg-low" (10-49)
+# is only used when asked for (benchmarks/duplicates.py measures where detection stops).
+DUPLICATE_TRANSFORMS = ("jpeg", "rescale", "crop", "border", "brightness", "contrast", "gamma", "bitdepth",
+                        "channels")
+EXTRA_TRANSFORMS = ("jpeg-low", "mixed")
+SOURCE_CLASS = "NORMAL"  # --inject source: this class comes from "another hospital" (as the pediatric NORMAL
+# films of public COVID sets did): its own size, aspect and file format
 DIFFICULTIES = ("easy", "mixed", "hard")
-MANIFEST_COLUMNS = ("path", "split", "label", "patient_id", "mask_path", "injected", "duplicate_of")
+MANIFEST_COLUMNS = ("path", "split", "label", "patient_id", "mask_path", "injected", "duplicate_of", "transform")
 MIN_SIZE = 32  # px; below this the lungs are a few pixels wide
 JPEG_QUALITY = 90  # fixed so that the same seed gives the same bytes
 # File formats (probability): independent of class. 16-bit PNGs use the full 0..65535 range.
@@ -58,6 +67,8 @@ def generate(
     test_fraction: float = 0.2,
     workers: int | None = None,
     progress: bool = True,
+    n_duplicates: int | None = None,
+    duplicate_transforms: Sequence[str] = DUPLICATE_TRANSFORMS,
 ) -> dict[str, Any]:
     """Write a phantom chest X-ray data set in the Kaggle layout, with lesion masks and a manifest.
 
@@ -72,12 +83,17 @@ def generate(
         size: Nominal image side in pixels; each image's height and width vary around it (>= 32).
         seed: Same seed, same bytes; different seeds give different images.
         difficulty: Lesion severity mix: ``easy``, ``mixed`` (some hard cases) or ``hard``.
-        inject: Failure modes of real COVID sets to add: ``duplicates`` (near-duplicates of train images put in
-            test, same patient id), ``confounder`` (burned-in corner marker on every COVID19 image), ``corrupt``
-            (truncated, zero-byte and text-as-.png files). A comma-separated string is accepted too.
+        inject: Failure modes of real COVID sets to add: ``duplicates`` (re-exported copies of train images put
+            in test, same patient id, each altered by one of ``duplicate_transforms``), ``confounder``
+            (burned-in corner marker on every COVID19 image), ``corrupt`` (truncated, zero-byte and
+            text-as-.png files), ``source`` (every NORMAL image from another "hospital": larger, square, RGB
+            JPEG). A comma-separated string is accepted too.
         test_fraction: Fraction of each class's images (whole patients) put in ``test``, in (0, 1).
         workers: Worker processes; ``None`` uses every core for large sets and the calling process for small ones.
         progress: Show a progress bar on the terminal.
+        n_duplicates: Injected duplicates (default 3% of ``n_images``, at least 2).
+        duplicate_transforms: Transforms the duplicates cycle through (``DUPLICATE_TRANSFORMS``, plus
+            ``EXTRA_TRANSFORMS``: "jpeg-low" and "mixed", brightness + rescale + JPEG together).
 
     Returns:
         Summary dict: ``out``, ``n_files``, ``counts`` {split: {class: n}}, ``patients``, ``injected``
@@ -88,12 +104,17 @@ def generate(
     """
     started = time.perf_counter()
     injections = _validate(n_images, size, seed, difficulty, inject, test_fraction, workers)
+    unknown = sorted(set(duplicate_transforms) - set(DUPLICATE_TRANSFORMS + EXTRA_TRANSFORMS))
+    if unknown or not duplicate_transforms:
+        raise CxrError(f"unknown duplicate transform {', '.join(unknown) or '(none given)'}; use "
+                       f"{', '.join(DUPLICATE_TRANSFORMS + EXTRA_TRANSFORMS)}")
     out = _prepare_out(Path(out))
     settings = dict(
         n_images=n_images, size=size, seed=seed, difficulty=difficulty, inject=sorted(injections),
         test_fraction=test_fraction, generator_version=GENERATOR_VERSION,
     )
-    plan = _plan_images(n_images, seed, test_fraction, confounder="confounder" in injections)
+    plan = _plan_images(n_images, seed, test_fraction, confounder="confounder" in injections,
+                        source="source" in injections)
     for split in ("train", "test"):
         for label in CLASSES:
             (out / split / label).mkdir(parents=True, exist_ok=True)
@@ -103,7 +124,8 @@ def generate(
     jobs = [(str(out), size, seed, difficulty, chunk) for chunk in _chunks(plan, 32)]
     rows = _run_jobs(_render_chunk, jobs, n_workers, progress, "phantoms")
     if "duplicates" in injections:
-        dup_jobs = [(str(out), seed, chunk) for chunk in _chunks(_plan_duplicates(rows, seed, n_images), 32)]
+        dup_plan = _plan_duplicates(rows, seed, n_images, n_duplicates, tuple(duplicate_transforms))
+        dup_jobs = [(str(out), seed, chunk) for chunk in _chunks(dup_plan, 32)]
         rows += _run_jobs(_duplicate_chunk, dup_jobs, n_workers, progress, "duplicates")
     if "corrupt" in injections:
         rows += _write_corrupt(out, seed, n_images, first_pid=max(p["patient_id"] for p in plan) + 1)
@@ -218,7 +240,7 @@ def _prepare_out(out: Path) -> Path:
     return out.resolve()
 
 
-def _plan_images(n_images: int, seed: int, test_fraction: float, confounder: bool) -> list[dict]:
+def _plan_images(n_images: int, seed: int, test_fraction: float, confounder: bool, source: bool) -> list[dict]:
     """Decide each image's class, patient, index within patient and split (whole patients per split)."""
     rng = np.random.default_rng([seed, 0])
     counts = {c: max(2, round(f * n_images)) for c, f in CLASS_MIX.items() if c != "PNEUMONIA"}
@@ -244,16 +266,17 @@ def _plan_images(n_images: int, seed: int, test_fraction: float, confounder: boo
             split = "test" if j in test_patients else "train"
             for k in range(n):
                 plan.append(dict(index=len(plan), patient_id=pid, k=k, label=label, split=split,
-                                 confounder=confounder and label == "COVID19"))
+                                 confounder=confounder and label == "COVID19", source=source and label == SOURCE_CLASS))
             pid += 1
     return plan
 
 
-def _plan_duplicates(rows: list[dict], seed: int, n_images: int) -> list[dict]:
-    """Pick train images to copy, slightly altered, into test under the same patient id."""
+def _plan_duplicates(rows: list[dict], seed: int, n_images: int, n_duplicates: int | None,
+                     transforms: tuple[str, ...]) -> list[dict]:
+    """Pick train images to copy, re-exported, into test under the same patient id (transforms in turn)."""
     rng = np.random.default_rng([seed, 3])
     train = [r for r in rows if r["split"] == "train"]
-    n_dup = min(len(train), max(2, round(0.03 * n_images)))
+    n_dup = min(len(train), n_duplicates if n_duplicates is not None else max(2, round(0.03 * n_images)))
     next_k: dict[int, int] = {}
     for r in rows:
         next_k[r["patient_id"]] = max(next_k.get(r["patient_id"], 0), _image_k(r["path"]) + 1)
@@ -262,7 +285,7 @@ def _plan_duplicates(rows: list[dict], seed: int, n_images: int) -> list[dict]:
         src = train[j]
         k = next_k[src["patient_id"]]
         next_k[src["patient_id"]] = k + 1
-        plan.append(dict(index=i, source=src, k=k))
+        plan.append(dict(index=i, source=src, k=k, transform=transforms[i % len(transforms)]))
     return plan
 
 
@@ -343,19 +366,22 @@ def _render_chunk(job) -> list[dict]:
     for spec in chunk:
         rng = np.random.default_rng([seed, 2, spec["index"]])
         look = _draw_look(rng, size)  # drawn first, before anything that depends on the class
+        if spec.get("source"):  # another hospital's films: larger, square, RGB JPEG (drawn from their own stream)
+            side = max(MIN_SIZE, round(1.5 * size * np.random.default_rng([seed, 6, spec["index"]]).uniform(0.95, 1.05)))
+            look.update(h=side, w=side, format="jpg-rgb")
         anatomy = _draw_anatomy(np.random.default_rng([seed, 1, spec["patient_id"]]), rng)
         image, mask = _render(rng, look, anatomy, spec["label"], difficulty)
         if spec["confounder"]:
             _burn_marker(image, rng)
         ext = ".jpg" if look["format"].startswith("jpg") else ".png"
         rel = f"{spec['split']}/{spec['label']}/{_file_name(spec['patient_id'], spec['k'], ext)}"
-        rows.append(_save(Path(out), rel, image, mask, look["format"], spec, injected="confounder"
-                          if spec["confounder"] else ""))
+        injected = "confounder" if spec["confounder"] else "source" if spec.get("source") else ""
+        rows.append(_save(Path(out), rel, image, mask, look["format"], spec, injected=injected))
     return rows
 
 
 def _duplicate_chunk(job) -> list[dict]:
-    """Near-duplicates: the source image re-read, slightly rescaled, noised and re-encoded."""
+    """Near-duplicates: the source image re-read and re-exported with one transform (see DUPLICATE_TRANSFORMS)."""
     out, seed, chunk = job
     out = Path(out)
     rows = []
@@ -363,32 +389,85 @@ def _duplicate_chunk(job) -> list[dict]:
         src = dup["source"]
         rng = np.random.default_rng([seed, 4, dup["index"]])
         with Image.open(out / src["path"]) as im:
-            image = np.asarray(im.convert("F")) / (65535.0 if im.mode.startswith("I") else 255.0)
-        scale = rng.uniform(0.9, 1.1)
-        h, w = (max(MIN_SIZE, round(d * scale)) for d in image.shape)
-        image = _resize(image.astype(np.float32), h, w)
-        image = np.clip(image + rng.normal(0, 0.01, image.shape).astype(np.float32), 0, 1)
+            sixteen, rgb, jpeg = im.mode.startswith("I"), im.mode == "RGB", im.format == "JPEG"
+            image = np.asarray(im.convert("F"), np.float32) / (65535.0 if sixteen else 255.0)
+        image, fmt, quality, described = _reexport(image, dup["transform"], rng, sixteen, rgb, jpeg)
+        h, w = image.shape
         mask = None
         if src["mask_path"]:
             with Image.open(out / src["mask_path"]) as m:
-                mask = np.asarray(m.resize((w, h), Image.NEAREST)) > 127
-        fmt = str(rng.choice(["png-gray8", "jpg-gray", "png-rgb8"]))
+                mask = _reexport_mask(np.asarray(m) > 127, dup["transform"], described, h, w)
         ext = ".jpg" if fmt.startswith("jpg") else ".png"
         rel = f"test/{src['label']}/{_file_name(src['patient_id'], dup['k'], ext)}"
         spec = dict(split="test", label=src["label"], patient_id=src["patient_id"])
-        rows.append(_save(out, rel, image, mask, fmt, spec, injected="duplicate", duplicate_of=src["path"]))
+        rows.append(_save(out, rel, image, mask, fmt, spec, injected="duplicate", duplicate_of=src["path"],
+                          transform=f"{dup['transform']} {described['text']}".strip(), quality=quality))
     return rows
 
 
-def _save(out: Path, rel: str, image, mask, fmt: str, spec: dict, *, injected: str, duplicate_of: str = ""):
-    _encode(image, fmt).save(out / rel, **({"quality": JPEG_QUALITY} if fmt.startswith("jpg") else
-                                            {"compress_level": 1}))
+def _reexport(image: np.ndarray, transform: str, rng: np.random.Generator, sixteen: bool, rgb: bool,
+              jpeg: bool) -> tuple[np.ndarray, str, int, dict]:
+    """Apply one re-export transform to a float [0, 1] image; returns (image, storage format, JPEG quality, params)."""
+    h, w = image.shape
+    lossless = "png-gray16" if sixteen else "png-rgb8" if rgb else "png-gray8"
+    fmt, quality, params = lossless, JPEG_QUALITY, {}
+    if transform in ("jpeg", "jpeg-low"):
+        quality = int(rng.integers(50, 96) if transform == "jpeg" else rng.integers(10, 50))
+        fmt, params["text"] = ("jpg-rgb" if rgb else "jpg-gray"), f"q={quality}"
+    elif transform == "rescale":
+        scale = float(rng.uniform(0.9, 1.1))
+        image = _resize(image, max(MIN_SIZE, round(h * scale)), max(MIN_SIZE, round(w * scale)))
+        params["text"] = f"x{scale:.3f}"
+    elif transform in ("crop", "border"):
+        top, bottom, left, right = (int(round(rng.uniform(0, 0.05) * d)) for d in (h, h, w, w))  # <= 5% a side
+        if transform == "crop":
+            image = image[top:h - bottom, left:w - right]
+        else:
+            value = float(rng.choice([0.0, 1.0, rng.uniform(0, 1)]))  # black, white or grey padding
+            image = np.pad(image, ((top, bottom), (left, right)), constant_values=value)
+        params.update(text=f"top={top} bottom={bottom} left={left} right={right}", box=(top, bottom, left, right))
+    elif transform == "brightness":
+        shift = float(rng.uniform(0.02, 0.15) * rng.choice([-1, 1]))
+        image, params["text"] = image + shift, f"{shift:+.3f}"
+    elif transform == "contrast":
+        factor = float(rng.uniform(0.7, 1.3))
+        image, params["text"] = (image - image.mean()) * factor + image.mean(), f"x{factor:.3f}"
+    elif transform == "gamma":
+        gamma = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
+        image, params["text"] = np.clip(image, 0, 1) ** gamma, f"{gamma:.3f}"
+    elif transform == "bitdepth":
+        fmt = "png-gray8" if sixteen else "png-gray16"
+        params["text"] = "16->8 bit" if sixteen else "8->16 bit"
+    elif transform == "channels":
+        fmt = "png-gray8" if rgb else "png-rgb8"
+        params["text"] = "RGB->gray" if rgb else "gray->RGB"
+    elif transform == "mixed":  # the issue's example: brightness +6 grey levels, 97% size, JPEG quality 70
+        image = _resize(image + 6 / 255, max(MIN_SIZE, round(0.97 * h)), max(MIN_SIZE, round(0.97 * w)))
+        fmt, quality, params["text"] = ("jpg-rgb" if rgb else "jpg-gray"), 70, "+6 grey, x0.97, q=70"
+    params.setdefault("text", "")
+    return np.clip(image, 0, 1).astype(np.float32), fmt, quality, params
+
+
+def _reexport_mask(mask: np.ndarray, transform: str, params: dict, h: int, w: int) -> np.ndarray:
+    """The lesion mask of a re-exported image: cropped/padded like it, then resized to its size."""
+    if transform in ("crop", "border"):
+        top, bottom, left, right = params["box"]
+        mh, mw = mask.shape
+        mask = mask[top:mh - bottom, left:mw - right] if transform == "crop" else \
+            np.pad(mask, ((top, bottom), (left, right)))
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(image.resize((w, h), Image.NEAREST)) > 127
+
+
+def _save(out: Path, rel: str, image, mask, fmt: str, spec: dict, *, injected: str, duplicate_of: str = "",
+          transform: str = "", quality: int = JPEG_QUALITY):
+    _encode(image, fmt).save(out / rel, **({"quality": quality} if fmt.startswith("jpg") else {"compress_level": 1}))
     mask_rel = ""
     if mask is not None:
         mask_rel = f"masks/{Path(rel).with_suffix('.png').as_posix()}"
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / mask_rel, compress_level=1)
     return dict(path=rel, split=spec["split"], label=spec["label"], patient_id=spec["patient_id"],
-                mask_path=mask_rel, injected=injected, duplicate_of=duplicate_of)
+                mask_path=mask_rel, injected=injected, duplicate_of=duplicate_of, transform=transform)
 
 
 def _encode(image: np.ndarray, fmt: str) -> Image.Image:
@@ -415,7 +494,7 @@ def _write_corrupt(out: Path, seed: int, n_images: int, first_pid: int) -> list[
             data = b"" if kind == "empty" else b"This is not an image; it is a text file with a .png name.\n"
         (out / rel).write_bytes(data)
         rows.append(dict(path=rel, split=split, label=label, patient_id=first_pid + i, mask_path="",
-                         injected="corrupt", duplicate_of=""))
+                         injected="corrupt", duplicate_of="", transform=""))
     return rows
 
 

@@ -27,8 +27,6 @@ class SplitArrays:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, idx: np.ndarray) -> SplitArrays:
-        return SplitArrays(self.images[idx], self.labels[idx], self.patient_ids[idx], self.paths[idx])
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ def prepare(
     root = Path(data_dir) if data_dir is not None else phantoms.default_dataset()
     scanned = scan(root)
     arrays = cache.build_or_load(scanned, size=size, equalize=equalize, progress=progress)
-    report = integrity.summarize(scanned, arrays.facts, arrays.pairs).to_dict()
+    report = integrity.summarize(scanned, arrays.facts, arrays.pairs, shortcut=_shortcut_audit(arrays)).to_dict()
     usable = arrays.usable
     labels = usable["label"].map(CLASSES.index).to_numpy(np.int64)
     _require_every_class(labels, np.arange(len(labels)), arrays.facts, scanned.root, "")
@@ -145,6 +143,23 @@ def _save_splits(folder: Path, split_args: dict, idx: dict[str, np.ndarray]) -> 
         os.replace(tmp, path)
     except OSError:  # a read-only shared cache: recompute next time
         pass
+
+
+def _shortcut_audit(arrays) -> dict[str, Any]:
+    """The source-shortcut audit of the cached images, computed once per cache (it fits a classifier, ~seconds)."""
+    from cxr_search.data import shortcuts
+
+    path = arrays.folder / "shortcuts.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = shortcuts.audit(arrays.usable)
+    try:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+    except OSError:  # a read-only shared cache: recompute next time
+        pass
+    return result
 
 
 def _require_every_class(labels: np.ndarray, idx: np.ndarray, facts, root: Path, where: str) -> None:

@@ -9,6 +9,7 @@ import click
 import typer
 from rich.console import Console
 
+from cxr_search import storage
 from cxr_search.errors import CxrError
 
 app = typer.Typer(
@@ -138,7 +139,7 @@ def run(
 
 @app.command("resume")
 def resume(
-    exp: Path = typer.Argument(..., help="Experiment folder of an interrupted `cxr-search run`."),
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI) of an interrupted `cxr-search run`."),
     address: str = typer.Option(None, "--address", help="Ray cluster to resume on (default: as the run)."),
 ) -> None:
     """Continue an interrupted run: unfinished and errored trials resume from their checkpoints."""
@@ -148,7 +149,7 @@ def resume(
 
 
 @app.command("status")
-def status(exp: Path = typer.Argument(..., help="Experiment folder.")) -> None:
+def status(exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI).")) -> None:
     """Trials of an experiment, read from its folder (no Ray needed; works while a search runs)."""
     from cxr_search.report import print_status
 
@@ -157,7 +158,7 @@ def status(exp: Path = typer.Argument(..., help="Experiment folder.")) -> None:
 
 @app.command("retrain")
 def retrain(
-    exp: Path = typer.Argument(..., help="Experiment folder written by `cxr-search run`."),
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI) written by `cxr-search run`."),
     top: int = typer.Option(1, "--top", help="Distinct configurations to retrain, best validation metric first."),
     seeds: int = typer.Option(50, "--seeds", help="Seeds per configuration (0..N-1); finished seeds are kept."),
     max_epochs: int = typer.Option(None, "--max-epochs", help="Epoch budget per run (default: the search's)."),
@@ -170,12 +171,12 @@ def retrain(
     retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address)
     report.write_summary(exp)
     report.print_markdown(report.retrain_section(exp), console)
-    console.print(f"results: {exp / 'retrain'} (results.parquet, summary.csv, distribution.png)")
+    console.print(f"results: {storage.path(exp) / 'retrain'} (results.parquet, summary.csv, distribution.png)")
 
 
 @app.command("ensemble")
 def ensemble(
-    exp: Path = typer.Argument(..., help="Experiment folder."),
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI)."),
     top: int = typer.Option(3, "--top", help="Members: the best models by validation metric."),
     source: str = typer.Option(
         "search", "--from", help="search (top distinct trials, as the study and `run` do) | retrain (a seed ensemble)."
@@ -190,7 +191,7 @@ def ensemble(
     build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)
     report.write_summary(exp)
     report.print_markdown(report.ensemble_section(exp), console)
-    console.print(f"saved: {exp / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
+    console.print(f"saved: {storage.path(exp) / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
 
 
 @app.command("train")
@@ -230,7 +231,7 @@ def train(
 
 @app.command("predict")
 def predict_command(
-    model: Path = typer.Argument(..., help="Experiment folder (its ensemble), an ensemble.json, or a checkpoint folder."),
+    model: str = typer.Argument(..., help="Experiment folder (its ensemble; or s3://... URI), an ensemble.json, or a checkpoint folder."),
     inputs: list[Path] = typer.Argument(..., help="Image files and folders (walked recursively)."),
     out: Path = typer.Option(None, "--out", help="Also write the rows as CSV to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (a list of objects) instead of a table."),

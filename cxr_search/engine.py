@@ -373,7 +373,7 @@ def fit(
         FitResult with per-epoch history and test metrics on the best-validation weights.
     """
     device = resolve_device(cfg.device)
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    folder = storage.path(checkpoint_dir) if checkpoint_dir is not None else None
     with _backend_settings(cfg, device):
         _seed_everything(cfg.seed)
         saved = read_resume_state(folder) if folder is not None else None
@@ -533,10 +533,10 @@ def best_file_name(epoch: int) -> str:
     return f"best-e{epoch:04d}.pt"
 
 
-def best_files(folder: str | Path) -> list[tuple[int, Path]]:
+def best_files(folder: str | Path) -> list[tuple[int, storage.Location]]:
     """The folder's best-weights files as (epoch, path), oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    folder = storage.path(folder)
+    if not storage.is_remote(folder) and not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _BEST_FILE.match(p.name))]
     return sorted(found)
@@ -544,7 +544,7 @@ def best_files(folder: str | Path) -> list[tuple[int, Path]]:
 
 def read_history(folder: str | Path) -> list[dict[str, Any]]:
     """The per-epoch metrics of a model folder (`history.jsonl`; a line cut by a kill is skipped)."""
-    return storage.read_records(Path(folder) / HISTORY_FILE)
+    return storage.read_records(storage.path(folder) / HISTORY_FILE)
 
 
 def read_resume_state(folder: str | Path | None, *, metadata_only: bool = False) -> dict[str, Any] | None:
@@ -559,11 +559,11 @@ def read_resume_state(folder: str | Path | None, *, metadata_only: bool = False)
     """
     if folder is None:
         return None
-    path = Path(folder) / RESUME_FILE
+    path = storage.path(folder) / RESUME_FILE
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=metadata_only)
+        state = _load_tensors(path, mmap=metadata_only)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CxrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete the folder "
                        f"{folder} to train it again.") from None
@@ -573,10 +573,19 @@ def read_resume_state(folder: str | Path | None, *, metadata_only: bool = False)
     return state
 
 
+def _load_tensors(path: storage.Location, *, mmap: bool = False) -> Any:
+    """A file this module wrote with torch.save: tensors, dicts, lists and numbers only (weights_only=True, never a
+    pickle of arbitrary objects). `mmap` maps a local file instead of reading it (an object is read whole)."""
+    if storage.is_remote(path):
+        with storage.open_binary(path) as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 class _CheckpointWriter:
     """Writes one run's model folder in the crash-safe order described above."""
 
-    def __init__(self, folder: Path, cfg: TrialConfig, num_classes: int, every_epochs: int,
+    def __init__(self, folder: storage.Location, cfg: TrialConfig, num_classes: int, every_epochs: int,
                  every_s: float | None, preprocessing: dict[str, Any] | None = None):
         self.folder, self.cfg, self.num_classes = folder, cfg, num_classes
         self.preprocessing = preprocessing  # the data's recorded preprocessing: the folder alone serves `predict`
@@ -677,7 +686,7 @@ def _restore(
     for key, value in state["early_stopping"].items():
         setattr(early, key, value)
     if state["best_file"]:
-        best = torch.load(folder / state["best_file"], map_location="cpu", weights_only=True)
+        best = _load_tensors(folder / state["best_file"])
         early.best_weights = best["model"]
     if state["finished"]:
         if early.best_weights is not None:
@@ -697,7 +706,7 @@ def seal(folder: str | Path, stop_reason: str = "") -> None:
     Its history is `history.jsonl` (it may run past the last resume state); its best weights are the newest
     best file. Idempotent; a folder without a resume state or already lean is left as it is.
     """
-    folder = Path(folder)
+    folder = storage.path(folder)
     state = read_resume_state(folder, metadata_only=True)
     if state is None or state["finished"]:
         return
@@ -725,16 +734,16 @@ def load_best_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, TrialC
     Args:
         checkpoint_dir: a model folder written by ``fit`` (a trial folder, ``cxr-search train --out``).
     """
-    folder = Path(checkpoint_dir)
+    folder = storage.path(checkpoint_dir)
     bests = best_files(folder)
     if not (folder / CONFIG_FILE).is_file() or not bests:
         raise CxrError(f"{folder}: no trained model here (needs {CONFIG_FILE} and best-e*.pt); pass a folder "
                        "written by `cxr-search train --out` or a search trial's folder.")
-    cfg = TrialConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()), source=str(folder / CONFIG_FILE))
+    cfg = TrialConfig.from_dict(storage.read_json(folder / CONFIG_FILE), source=str(folder / CONFIG_FILE))
     history = read_history(folder)
     last = int(history[-1]["epoch"]) if history else bests[-1][0]
     epoch, path = next(((e, p) for e, p in reversed(bests) if e <= last), bests[0])
-    best = torch.load(path, map_location="cpu", weights_only=True)
+    best = _load_tensors(path)
     # the file holds every weight: never reload pretrained ones (a hub name would fail offline)
     model = model_from_config(cfg.replace(pretrained="none"), num_classes=best["num_classes"])
     model.load_state_dict(best["model"])

@@ -67,12 +67,13 @@ def study_summary(name: str) -> dict[str, Any]:
 
 def _test_cis(predictions_path: str, n_resamples: int) -> dict[str, tuple[float, float, float]]:
     """Bootstrap CIs of one model's test figures from its stored predictions (empty if none stored)."""
+    from cxr_search.experiment import read_predictions
     from cxr_search.metrics import bootstrap_ci
 
-    if not predictions_path or not Path(predictions_path).is_file():
+    if not predictions_path or not storage.path(predictions_path).is_file():
         return {}
-    with np.load(predictions_path, allow_pickle=False) as z:
-        y, p = z["test_labels"], z["test_probs"]
+    z = read_predictions(predictions_path)
+    y, p = z["test_labels"], z["test_probs"]
     return bootstrap_ci(y, p, n_resamples=n_resamples, stratified=True, seed=0, metrics=list(TABLE_METRICS))
 
 
@@ -115,7 +116,8 @@ def retrain_section(exp: Experiment) -> list[str]:
     path = exp.stage_dir("retrain") / "summary.csv"
     if not path.is_file() or path.stat().st_size == 0:
         return []
-    summary = pd.read_csv(path)
+    with storage.open_binary(path) as f:
+        summary = pd.read_csv(f)
     if summary.empty:
         return []
     study = study_summary("variant7_mean_of_50_runs")
@@ -240,7 +242,7 @@ def build_summary(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
 
 def write_summary(exp_dir: str | Path) -> Path:
     """Write `EXP/summary.md` and return its path."""
-    return storage.atomic_write_text(Path(exp_dir) / "summary.md", build_summary(exp_dir))
+    return storage.atomic_write_text(storage.path(exp_dir) / "summary.md", build_summary(exp_dir))
 
 
 def print_markdown(lines: list[str], console: Any) -> None:
@@ -252,7 +254,7 @@ def print_markdown(lines: list[str], console: Any) -> None:
 
 def print_summary(exp_dir: str | Path, console: Any) -> None:
     """Print the summary (written by `write_summary` if present, else built now) on a rich console."""
-    path = Path(exp_dir) / "summary.md"
+    path = storage.path(exp_dir) / "summary.md"
     print_markdown([path.read_text() if path.is_file() else build_summary(exp_dir)], console)
 
 

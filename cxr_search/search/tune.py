@@ -24,7 +24,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -110,7 +109,7 @@ def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: 
     from cxr_search import engine
 
     cfg = TrialConfig.from_dict(trial_fields(config), source="Tune trial config")  # built once
-    folder = Path(stage) / f"{experiment.TRIAL_PREFIX}{config[KEY]}"
+    folder = storage.path(stage) / f"{experiment.TRIAL_PREFIX}{config[KEY]}"
     objective = Objective(metric, mode)
     saved = storage.read_json(folder / engine.CONFIG_FILE) if (folder / engine.CONFIG_FILE).is_file() else None
     if saved is not None and TrialConfig.from_dict(saved, source=str(folder)) != cfg:
@@ -148,8 +147,8 @@ class TrialEventLog(tune.Callback):
     Trials a stopped run leaves behind (Ctrl-C, SIGTERM) get no event: they did not end, `resume` continues them.
     """
 
-    def __init__(self, stage_dir: Path):
-        self.stage_dir = Path(stage_dir)
+    def __init__(self, stage_dir: storage.Location):
+        self.stage_dir = storage.path(stage_dir)
 
     def _record(self, trial: Any, event: str, **info: Any) -> None:
         experiment.record_trial_event(self.stage_dir, str(trial.config[KEY]), event,
@@ -172,7 +171,7 @@ class TrialEventLog(tune.Callback):
 def _first_error_line(trial: Any) -> str:
     path = getattr(trial, "error_file", None) or ""
     try:
-        text = Path(path).read_text() if path else ""
+        text = storage.path(path).read_text() if path else ""
     except OSError:
         text = ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
@@ -264,17 +263,28 @@ def trial_key(number: int) -> str:
     return f"{number:04d}"
 
 
-def optuna_storage(journal: Path) -> Any:
-    """Optuna journal file in the experiment (open it with `optuna-dashboard <exp>/optuna.journal`)."""
+def optuna_storage(journal: storage.Location) -> Any:
+    """The experiment's Optuna journal: a local file (open it with `optuna-dashboard <exp>/optuna.journal`), or
+    on an object store a folder of whole parts (`search/journal.py`)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    if storage.is_remote(journal):
+        from cxr_search.search.journal import ObjectStoreJournal
+
+        return JournalStorage(ObjectStoreJournal(journal))
     return JournalStorage(JournalFileBackend(str(journal)))
 
 
-def repair_journal(journal: Path) -> bytes:
+def repair_journal(journal: storage.Location) -> bytes:
     """Cut a journal tail a killed driver left mid-append (it would corrupt the next append); a stale lock
-    file of the dead driver is removed too. Call only when no other process writes the journal."""
+    file of the dead driver is removed too; on an object store the parts are compacted into one (nothing is ever
+    cut there). Call only when no other process writes the journal."""
+    if storage.is_remote(journal):
+        from cxr_search.search.journal import ObjectStoreJournal
+
+        ObjectStoreJournal(journal).compact()
+        return b""
     cut = storage.repair_tail(journal)
     if cut:
         storage.atomic_write(journal.with_name(journal.name + ".cut"), lambda tmp: tmp.write_bytes(cut))
@@ -292,7 +302,7 @@ class JournalState:
     total: int  # every trial in the study
 
 
-def reconcile_journal(stage_dir: Path, journal: Path, study_name: str, objective: Objective,
+def reconcile_journal(stage_dir: storage.Location, journal: storage.Location, study_name: str, objective: Objective,
                       space: dict[str, Any] | None = None) -> JournalState:
     """Bring the Optuna journal and the event log in line with the trial folders before a launch.
 
@@ -306,7 +316,7 @@ def reconcile_journal(stage_dir: Path, journal: Path, study_name: str, objective
     import optuna
     from optuna.trial import TrialState
 
-    if not journal.is_file():
+    if not (journal.is_dir() if storage.is_remote(journal) else journal.is_file()):
         return JournalState(0, (), 0)
     repair_journal(journal)
     study = optuna.load_study(study_name=study_name, storage=optuna_storage(journal))
@@ -388,7 +398,7 @@ def planned_param_space(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return space
 
 
-def ended_keys(stage_dir: Path) -> set[str]:
+def ended_keys(stage_dir: storage.Location) -> set[str]:
     """Keys of the stage's trials that ended (finished, stopped or failed), from the folders and the event log."""
     events = experiment.trial_events(stage_dir)
     return {t.trial_id for t in experiment.trial_dirs(stage_dir)
@@ -415,7 +425,7 @@ class StageOptions:
     # freed for sure only when its process ends)
 
 
-def run_optuna_stage(stage_dir: Path, spec: SearchSpec, data: PreparedData, options: StageOptions,
+def run_optuna_stage(stage_dir: storage.Location, spec: SearchSpec, data: PreparedData, options: StageOptions,
                      study_name: str) -> int:
     """Run (or continue) an Optuna search in `stage_dir` until `spec.num_samples` trials have ended.
 
@@ -447,7 +457,7 @@ def optuna_space(spec: SearchSpec) -> dict[str, Any]:
     return OptunaSearch.convert_search_space({p.name: tune_domain(p) for p in spec.params})
 
 
-def run_planned_stage(stage_dir: Path, runs: dict[str, dict[str, Any]], data: PreparedData,
+def run_planned_stage(stage_dir: storage.Location, runs: dict[str, dict[str, Any]], data: PreparedData,
                       options: StageOptions) -> int:
     """Run (or continue) the planned trials `runs` (key -> config) in `stage_dir` that have not ended.
 
@@ -463,7 +473,7 @@ def run_planned_stage(stage_dir: Path, runs: dict[str, dict[str, Any]], data: Pr
     return len(todo)
 
 
-def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searcher: Any, num_samples: int,
+def _fit(stage_dir: storage.Location, data: PreparedData, param_space: dict[str, Any], searcher: Any, num_samples: int,
          options: StageOptions, concurrency_in_searcher: bool = False) -> None:
     from cxr_search import engine
 
@@ -539,12 +549,20 @@ def stage_options(spec: SearchSpec, *, scheduler: Any = None, resources: TrialRe
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              quiet: bool = True) -> None:
-    """Start a local Ray (dashboard off, bound to 127.0.0.1 if on) or join a cluster (`auto`, `ray://host:10001`)."""
+    """Start a private local Ray or join a cluster (`auto`, `HOST:PORT`, `ray://host:10001`).
+
+    The local Ray listens on 127.0.0.1 only (every port: GCS, raylets, workers, agents; no dashboard) and uses
+    Ray's token authentication (on by default for a new local Ray since 2.52; the token is ~/.ray/auth_token).
+    An address on 127.0.0.1 joins a Ray whose nodes were started on loopback (`ray start --node-ip-address
+    127.0.0.1`, as tests/test_cluster.py does), keeping the driver on loopback too.
+    """
     if ray.is_initialized():
         return
     # Our SIGINT/SIGTERM handler asks Tune to stop (SIGUSR1) and remembers which signal it was.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address is None or _on_loopback(address):
+        _keep_loopback()
     if address:
         try:
             ray.init(address=address, log_to_driver=not quiet)
@@ -556,6 +574,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
     interrupt.reinstall()
+
+
+def _on_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _keep_loopback() -> None:
+    """Make Ray keep 127.0.0.1 as this machine's node address, so that every server binds to loopback only.
+
+    Ray 2.60 binds its gRPC servers to 0.0.0.0 unless the node IP is exactly 127.0.0.1, and on Linux it replaces
+    127.0.0.1 by the routed IP (`services.resolve_ip_for_localhost`) unless multi-machine clusters are switched
+    off, which its `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` does (DESIGN.md, Ray facts). The variable is read when
+    Ray is imported, so the already imported constant is set too; the variable reaches the processes Ray starts.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def cluster_gpu_memory_gib() -> float:

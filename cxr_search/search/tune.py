@@ -52,6 +52,7 @@ GPU_PEAK_GIB: dict[str, float] = {
 TRIAL_GPU_SHARE_MAX = 4  # never pack more than 4 trials on a GPU: throughput gains stop (DESIGN.md: 1.18x at 4)
 KEY = "trial_key"  # the config label naming a trial's folder (see the module docstring)
 TPE_STARTUP = 10  # TPE's random startup trials (Optuna's default), drawn per trial number here
+DRIVER_CPUS = 0.1  # a data-parallel trial's own process waits on its Ray Train run: a slice of a CPU
 
 
 # ---------------------------------------------------------------- resources
@@ -64,17 +65,27 @@ def gpu_fraction(backbone: str, gpu_memory_gib: float) -> float:
 
 
 class TrialResources:
-    """Per-trial resource request (a picklable callable for `tune.with_resources`)."""
+    """Per-trial resource request (a picklable callable for `tune.with_resources`).
 
-    def __init__(self, cpus: float, gpus: str | float, gpu_memory_gib: float = 0.0):
-        self.cpus, self.gpus, self.gpu_memory_gib = cpus, gpus, gpu_memory_gib
+    With `workers` > 1 the trial's own process only drives a Ray Train run (`DRIVER_CPUS`); Train reserves
+    `cpus`/`gpus` for each of its workers itself.
+    """
+
+    def __init__(self, cpus: float, gpus: str | float, gpu_memory_gib: float = 0.0, workers: int = 1):
+        self.cpus, self.gpus, self.gpu_memory_gib, self.workers = cpus, gpus, gpu_memory_gib, workers
 
     def __call__(self, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        if self.workers > 1:
+            return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
+        return tune.PlacementGroupFactory([self.worker_bundle(config.get("backbone", TrialConfig.backbone))])
+
+    def worker_bundle(self, backbone: str) -> dict[str, float]:
+        """What one training process of a trial holds: CPUs, and GPUs if any."""
         bundle = {"CPU": self.cpus}
-        gpus = self.gpus_for(config.get("backbone", TrialConfig.backbone))
+        gpus = self.gpus_for(backbone)
         if gpus > 0:
             bundle["GPU"] = gpus
-        return tune.PlacementGroupFactory([bundle])
+        return bundle
 
     def gpus_for(self, backbone: str) -> float:
         if self.gpus == "auto":
@@ -87,7 +98,7 @@ class TrialResources:
 
 
 def trial_resources(spec: SearchSpec) -> TrialResources:
-    return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib())
+    return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib(), spec.workers_per_trial)
 
 
 # ---------------------------------------------------------------- the trainable
@@ -95,8 +106,11 @@ def trial_resources(spec: SearchSpec) -> TrialResources:
 
 def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: str, mode: str,
                 checkpoint_every: int = 1, checkpoint_every_s: float | None = None,
-                faults: tuple = ()) -> None:
+                faults: tuple = (), resources: TrialResources | None = None, max_failures: int = 2) -> None:
     """Tune function trainable: one `engine.fit` into the trial's folder, reporting every epoch.
+
+    A trial with `resources.workers` > 1 runs as a Ray Train `TorchTrainer` (DistributedDataParallel) of that
+    many workers instead (`_fit_data_parallel`): the same engine loop and model folder, reported to Tune from rank 0.
 
     Args:
         config: Tune's resolved trial config (TrialConfig fields plus labels such as `variant`, `trial_key`).
@@ -105,6 +119,8 @@ def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: 
         metric, mode: the objective; every report carries the trial's best value so far as `best_<metric>`.
         checkpoint_every, checkpoint_every_s: how often resume states are written (`engine.fit`).
         faults: test-only fault injection (from `$CXR_SEARCH_FAULTS` in the driver).
+        resources: the trial's resources (workers per trial, CPUs and GPUs per worker).
+        max_failures: restarts of a data-parallel trial's worker group before the trial fails (then Tune retries).
     """
     from cxr_search import engine
 
@@ -124,11 +140,63 @@ def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: 
         # Ended in an earlier attempt that died before Tune heard of it: tell Tune its last epoch, train nothing.
         report(dict(state["history"][-1]), list(state["history"]))
         return
+    if resources is not None and resources.workers > 1:
+        _fit_data_parallel(cfg, data, folder, objective, resources, max_failures,
+                           {"checkpoint_every": checkpoint_every, "checkpoint_every_s": checkpoint_every_s,
+                            "faults": faults})
+        return
     try:
         engine.fit(cfg, data, report=report, checkpoint_dir=folder, checkpoint_every=checkpoint_every,
                    checkpoint_every_s=checkpoint_every_s, faults=faults)
     finally:
         _free_gpu_memory()
+
+
+def _fit_data_parallel(cfg: TrialConfig, data: PreparedData, folder: storage.Location, objective: Objective,
+                       resources: TrialResources, max_failures: int, fit_options: dict[str, Any]) -> None:
+    """One trial as a Ray Train V2 `TorchTrainer` nested in this Tune function trainable (DESIGN.md, Ray facts).
+
+    Each worker runs `engine.fit(..., data_parallel=True)` on its shard; rank 0 writes the model folder, and
+    `TuneReportCallback` passes rank 0's reports to Tune, so ASHA and Optuna see the trial as any other. A worker
+    that dies takes the group down; Train restarts it (`max_failures`) and every worker resumes from the model
+    folder, as a retried single-process trial does. Train keeps no checkpoint of its own (the folder is the
+    checkpoint); its run records go to `<trial folder>/ray_train`.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    bundle = resources.worker_bundle(cfg.backbone)
+    trainer = TorchTrainer(
+        _data_parallel_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "data": ray.put(data), "folder": str(folder),
+                           "objective": (objective.metric, objective.mode), **fit_options},
+        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu="GPU" in bundle,
+                                     resources_per_worker=bundle),
+        run_config=RunConfig(name="ray_train", storage_path=str(folder), callbacks=[TuneReportCallback()],
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    trainer.fit()
+
+
+def _data_parallel_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel trial: `engine.fit` on its shard, reporting every epoch."""
+    import ray.train
+    import torch
+
+    from cxr_search import engine
+
+    cfg = TrialConfig.from_dict(loop["cfg"], source="data-parallel trial config")
+    objective = Objective(*loop["objective"])
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.torch.get_device())  # this worker's GPU ("cuda" means the current one)
+
+    def report(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        ray.train.report({**metrics, objective.column: objective.best(h.get(objective.metric) for h in history)})
+
+    engine.fit(cfg, ray.get(loop["data"]), report=report, checkpoint_dir=storage.path(loop["folder"]),
+               checkpoint_every=loop["checkpoint_every"], checkpoint_every_s=loop["checkpoint_every_s"],
+               faults=loop["faults"], data_parallel=True)
 
 
 def _free_gpu_memory() -> None:
@@ -481,7 +549,8 @@ def _fit(stage_dir: storage.Location, data: PreparedData, param_space: dict[str,
     trainable = tune.with_parameters(
         train_trial, data=data, stage=str(stage_dir), metric=options.objective.metric,
         mode=options.objective.mode, checkpoint_every=options.checkpoint_every,
-        checkpoint_every_s=options.checkpoint_every_s, faults=engine.faults_from_env())
+        checkpoint_every_s=options.checkpoint_every_s, faults=engine.faults_from_env(),
+        resources=options.resources, max_failures=max(1, options.max_failures))
     if options.reporter is not None:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # CLIReporter is only honoured by Tune's classic output
     tuner = tune.Tuner(
@@ -491,7 +560,7 @@ def _fit(stage_dir: storage.Location, data: PreparedData, param_space: dict[str,
             metric=options.objective.metric, mode=options.objective.mode, search_alg=searcher,
             scheduler=options.scheduler or FIFOScheduler(), num_samples=num_samples,
             max_concurrent_trials=None if concurrency_in_searcher else options.max_concurrent_trials,
-            reuse_actors=(not options.resources.uses_gpu) if options.reuse_actors is None else options.reuse_actors,
+            reuse_actors=_reuse_actors(options),
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -504,6 +573,14 @@ def _fit(stage_dir: storage.Location, data: PreparedData, param_space: dict[str,
     )
     with interrupt.tune_run():
         tuner.fit()
+
+
+def _reuse_actors(options: StageOptions) -> bool:
+    """Reuse trial processes only for single-process CPU trials: a GPU trial's memory is freed for sure only when
+    its process ends, and a data-parallel trial's process cannot be reset after its Ray Train run."""
+    if options.reuse_actors is not None:
+        return options.reuse_actors
+    return not options.resources.uses_gpu and options.resources.workers == 1
 
 
 def trial_dirname(trial: Any) -> str:

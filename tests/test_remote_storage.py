@@ -5,6 +5,7 @@ search stopped by SIGTERM, then `status`, `resume`, the report and `predict` rea
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -116,7 +117,7 @@ def test_the_optuna_journal_on_s3_survives_compaction_and_a_kill_inside_it(s3):
     # A kill after the compacted part 0 was written but before the old parts went: the records are read once.
     backend = ObjectStoreJournal(folder)
     logs = backend.read_logs(0)
-    storage.atomic_write_text(folder / part_name(0), "".join(__import__("json").dumps(r) + "\n" for r in logs))
+    storage.atomic_write_text(folder / part_name(0), "".join(json.dumps(r) + "\n" for r in logs))
     assert reread() == expected
     assert ObjectStoreJournal(folder).compact() == len(parts) - 1
     assert [p.name for p in folder.iterdir()] == [part_name(0)]

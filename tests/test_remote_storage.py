@@ -1,6 +1,7 @@
 """Experiments on object storage (`--storage s3://...`) against a local S3 server (moto's server mode, started by
 the test on 127.0.0.1 as Ray's own tests do): the storage layer, the Optuna journal kept as whole parts, and a
-search stopped by SIGTERM, then `status`, `resume`, the report and `predict` reading it back from the bucket.
+search stopped by SIGTERM, then `status`, `resume` (retrain, ensemble), the report and `predict` reading it back
+from the bucket.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def test_a_search_on_s3_stopped_then_status_resume_report_and_predict_read_it_ba
     events = storage.path(exp_uri) / EVENTS_FILE
 
     driver = _cli(env, "run", str(space), "--storage", f"s3://{BUCKET}/experiments", "--name", "tiny-s3",
-                  "--stages", "search,ensemble")
+                  "--stages", "search,retrain,ensemble", "--top-k", "1", "--seeds", "2")
     deadline = time.monotonic() + 300
     while not any(e["event"] == "complete" for e in storage.read_records(events)) and driver.poll() is None:
         assert time.monotonic() < deadline, "no trial ended within 300 s"
@@ -159,7 +160,7 @@ def test_a_search_on_s3_stopped_then_status_resume_report_and_predict_read_it_ba
     assert resume.returncode == 0, resume_out[-3000:]
 
     exp = Experiment.open(exp_uri)
-    assert exp.is_complete("search") and exp.is_complete("ensemble")
+    assert exp.is_complete("search") and exp.is_complete("retrain") and exp.is_complete("ensemble")
     trials = trial_dirs(exp.path)
     ended = trial_events(exp.path)
     assert len(trials) == exp.plan.space.num_samples
@@ -176,10 +177,12 @@ def test_a_search_on_s3_stopped_then_status_resume_report_and_predict_read_it_ba
     assert len(exp.ranked("search")) == len(trials)  # results.parquet and predictions read from the bucket
 
     summary = report.build_summary(exp_uri)
-    assert "tiny-s3" in summary and "Soft-voting ensemble" in summary
+    assert "tiny-s3" in summary and "Retraining over seeds" in summary and "Soft-voting ensemble" in summary
+    assert len(exp.results("retrain")) == 2  # the retrain stage's table, read from the bucket
     assert (exp.path / "summary.md").is_file()
     keys = _keys(s3, "experiments/tiny-s3/")
-    for name in ("pipeline.json", "results.parquet", "trials.jsonl", "ensemble/ensemble.json",
+    for name in ("pipeline.json", "results.parquet", "trials.jsonl", "ensemble/ensemble.json", "retrain/summary.csv",
+                 "retrain/distribution.png", "retrain/results.parquet",
                  f"trial_{trials[0].trial_id}/resume.pt", f"trial_{trials[0].trial_id}/config.json"):
         assert f"experiments/tiny-s3/{name}" in keys
     assert any(k.startswith("experiments/tiny-s3/optuna.journal/") for k in keys)

@@ -278,7 +278,18 @@ def plan_run(
 def _storage_root(where: str | Path) -> str:
     """The --storage root as saved in the plan: an absolute local path, or the URI as given (checked to open)."""
     if storage.is_remote(str(where)):
-        storage.path(str(where))  # a URI no filesystem opens is a one-line error before anything runs
+        root = storage.path(str(where))  # a URI no filesystem opens is a one-line error before anything runs
+        top = root
+        while top.parent != top and top.parent.fs_path not in ("", "/"):
+            top = top.parent  # the bucket (s3://bucket/prefix), or the first folder
+        try:
+            reachable = top.exists()
+        except OSError as e:
+            raise CxrError(f"--storage {where}: cannot reach it ({' '.join(str(e).split())[:200]}); check the "
+                           "credentials and endpoint in the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, "
+                           "...).") from None
+        if not reachable:
+            raise CxrError(f"--storage {where}: {top} does not exist; create the bucket first (or give another).")
         return str(where)
     return str(Path(where).expanduser().resolve())
 

@@ -95,6 +95,17 @@ def test_files_and_logs_on_s3_are_whole_objects(s3):
     assert not doc.exists()
 
 
+def test_a_missing_bucket_is_a_one_line_error_before_anything_runs(s3, tmp_path):
+    from cxr_search.errors import CxrError
+    from cxr_search.experiment import plan_run
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY)
+    with pytest.raises(CxrError, match="s3://no-such-bucket does not exist; create the bucket"):
+        plan_run(space, storage="s3://no-such-bucket/experiments")
+    assert plan_run(space, storage=f"s3://{BUCKET}/experiments").storage == f"s3://{BUCKET}/experiments"
+
+
 def test_the_optuna_journal_on_s3_survives_compaction_and_a_kill_inside_it(s3):
     folder = storage.path(f"s3://{BUCKET}/journal-test/optuna.journal")
     study = optuna.create_study(study_name="j", storage=stage.optuna_storage(folder),

@@ -182,6 +182,7 @@ def _fit_data_parallel(cfg: TrialConfig, data: PreparedData, folder: storage.Loc
 def _data_parallel_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker of a data-parallel trial: `engine.fit` on its shard, reporting every epoch."""
     import ray.train
+    import ray.train.torch
     import torch
 
     from cxr_search import engine

@@ -459,6 +459,10 @@ def fit(
                     stop_reason = "early_stopping"
                 elif epoch == cfg.max_epochs:
                     stop_reason = "max_epochs"
+                if shard is not None:
+                    # Ranks evaluate the same weights, but GPU kernels may differ in the last bits: rank 0
+                    # decides when to stop, or one process would wait forever for the others.
+                    stop_reason = _from_rank0(stop_reason)
                 metrics = {
                     "epoch": epoch,
                     "train_loss": train_loss,
@@ -520,6 +524,14 @@ def _train_epoch(
         loss_sum, correct, n_seen = totals[0], totals[1], int(totals[2])
     _synchronize(rt.device)
     return float(loss_sum) / max(n_seen, 1), float(correct) / max(n_seen, 1), n_seen
+
+
+def _from_rank0(value: str) -> str:
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _epoch_batches(train: DeviceSplit, cfg: TrialConfig, epoch: int, device: torch.device) -> Iterator[torch.Tensor]:

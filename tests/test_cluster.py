@@ -33,7 +33,21 @@ LAUNCHER = Path(__file__).with_name("ray_loopback.py")
 pytestmark = pytest.mark.slow
 # Every trial that reaches epoch 2 is held this long once (the fault is per trial folder); the test kills the node
 # within a second of seeing the hold, and later trials pay it once each.
-STALL_S = 30
+STALL_S = 20
+TINY = """
+name: tiny
+metric: val_loss
+mode: min
+searcher: {type: optuna, seed: 0}
+scheduler: {type: asha, max_t: 2, grace_period: 1, reduction_factor: 2}
+num_samples: 3
+max_concurrent_trials: 1
+resources: {cpu: 1, gpu: 0}
+data: {size: 32, n_images: 120}
+trial: {backbone: cnn3, max_epochs: 2, patience: 3, device: cpu, batch_size: 16, augment: false}
+params:
+  lr: {loguniform: [1.0e-4, 1.0e-2]}
+"""
 
 
 def free_port() -> int:
@@ -146,12 +160,14 @@ def test_worker_node_killed_mid_trial_every_trial_finishes_once(cluster, tmp_pat
     first = cluster.add_worker("worker1")
     cluster.wait_started(first)
 
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY)
     storage = tmp_path / "experiments"  # shared: every node is on this machine
     env = {**cluster.env, "PYTHONUNBUFFERED": "1",
            "CXR_SEARCH_FAULTS": json.dumps({"kind": "stall", "epoch": 2, "seconds": STALL_S})}
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115
     driver = subprocess.Popen(
-        [sys.executable, "-m", "cxr_search.cli", "run", "inception", "--smoke", "--address", cluster.address,
+        [sys.executable, "-m", "cxr_search.cli", "run", str(space), "--address", cluster.address,
          "--storage", str(storage), "--name", "multinode", "--stages", "search"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     exp = storage / "multinode"

@@ -48,6 +48,7 @@ def run_pipeline(space: str | Path, *, console: Console | None = None, **options
     exp.write_space_as_run()
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
+    _print_estimate(plan, console)
     with interrupt.naming(exp.path), experiment.exclusive(exp):
         return _continue(exp, console)
 
@@ -143,6 +144,22 @@ def run_search(exp: Experiment, data: Any, console: Console) -> int:
     if spec.searcher == "optuna":
         return stage.run_optuna_stage(exp.path, spec, data, options, study_name=exp.plan.name)
     return stage.run_planned_stage(exp.path, runs, data, options)
+
+
+def _print_estimate(plan: Plan, console: Console) -> None:
+    """Without a GPU, how long the plan may take here; a loud warning when that is hours."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) > 0:
+        return
+    seconds = experiment.estimate_seconds(plan, resources.get("CPU", 1))
+    text = f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
+    console.print(f"[yellow]note:[/] estimated time on this machine ({resources.get('CPU', 1):g} CPUs, no GPU): "
+                  f"at most ~{text} (every trial running its full epoch budget)")
+    if seconds > 2 * 3600:
+        console.print(f"[bold red]warning:[/] this plan needs about {text} here; for minutes use the CPU budget "
+                      "(leave out --full / --num-samples / --max-epochs) or --smoke, or run it on a GPU.")
 
 
 def _check_slots(plan: Plan, console: Console) -> None:

@@ -167,9 +167,11 @@ def retrain(
     from cxr_search import report
     from cxr_search.search.retrain import retrain_experiment
 
+    from cxr_search.experiment import Experiment
+
     retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address)
     report.write_summary(exp)
-    report.print_markdown(report.retrain_section(exp), console)
+    report.print_markdown(report.retrain_section(Experiment.open(exp)), console)
     console.print(f"results: {exp / 'retrain'} (results.parquet, summary.csv, distribution.png)")
 
 
@@ -187,9 +189,11 @@ def ensemble(
     from cxr_search import report
     from cxr_search.ensemble import build_ensemble
 
+    from cxr_search.experiment import Experiment
+
     build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)
     report.write_summary(exp)
-    report.print_markdown(report.ensemble_section(exp), console)
+    report.print_markdown(report.ensemble_section(Experiment.open(exp)), console)
     console.print(f"saved: {exp / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
 
 

@@ -197,6 +197,18 @@ def ensemble(
     console.print(f"saved: {exp / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
 
 
+@app.command("report")
+def report_command(
+    exp: Path = typer.Argument(..., help="Experiment folder."),
+    out: Path = typer.Option(None, "--out", help="HTML file to write (default EXP/report.html)."),
+) -> None:
+    """One self-contained HTML report: data warnings, search, seeds, ensemble, explanations (opens offline)."""
+    from cxr_search import html_report
+
+    path = html_report.write_report(exp, out)
+    console.print(f"saved: {path} (self-contained: open it in any browser, nothing is fetched)", highlight=False)
+
+
 @app.command("train")
 def train(
     backbone: str = typer.Option(..., "--backbone", help="cnn3, alexnet, vgg16, vgg19, resnet34, resnet50, inception_v3, xception, densenet121."),

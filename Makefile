@@ -24,8 +24,9 @@ test: install
 # The analysis notebooks executed on one experiment: make notebooks EXP=experiments/<name> [OUT=folder]
 EXP ?=
 OUT ?= $(EXP)/notebooks
-notebooks: install
+notebooks:
 	@test -n "$(EXP)" || { echo "usage: make notebooks EXP=experiments/<name> [OUT=folder]" >&2; exit 2; }
+	@$(MAKE) --no-print-directory install
 	$(BIN)/python analysis/run_notebooks.py "$(EXP)" --out "$(OUT)"
 
 lint: install

@@ -165,9 +165,8 @@ def retrain(
 ) -> None:
     """Retrain the search's best configurations over many seeds on the same splits; summarise the spread."""
     from cxr_search import report
-    from cxr_search.search.retrain import retrain_experiment
-
     from cxr_search.experiment import Experiment
+    from cxr_search.search.retrain import retrain_experiment
 
     retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address)
     report.write_summary(exp)
@@ -188,7 +187,6 @@ def ensemble(
     """Soft-voting ensemble of finished models (no retraining), evaluated on test with bootstrap intervals."""
     from cxr_search import report
     from cxr_search.ensemble import build_ensemble
-
     from cxr_search.experiment import Experiment
 
     build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)

@@ -85,7 +85,7 @@ def main() -> None:
               "after_by_file": by_kind}
     print(json.dumps(result, indent=2))
     mb = 2**20
-    print(f"\n| backbone | px | written per epoch, before | after | kept per finished trial, before | after |")
+    print("\n| backbone | px | written per epoch, before | after | kept per finished trial, before | after |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.backbone} | {args.size} | {before / mb:.0f} MB | {after / args.epochs / mb:.0f} MB | "
           f"{2 * before / mb:.0f} MB | {kept / mb:.0f} MB |")

@@ -166,11 +166,12 @@ def retrain(
 ) -> None:
     """Retrain the search's best configurations over many seeds on the same splits; summarise the spread."""
     from cxr_search import report
+    from cxr_search.experiment import Experiment
     from cxr_search.search.retrain import retrain_experiment
 
     retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address, console=console)
     report.write_summary(exp)
-    report.print_markdown(report.retrain_section(exp), console)
+    report.print_markdown(report.retrain_section(Experiment.open(exp)), console)
     console.print(f"results: {exp / 'retrain'} (results.parquet, summary.csv, distribution.png)")
 
 
@@ -187,11 +188,24 @@ def ensemble(
     """Soft-voting ensemble of finished models (no retraining), evaluated on test with bootstrap intervals."""
     from cxr_search import report
     from cxr_search.ensemble import build_ensemble
+    from cxr_search.experiment import Experiment
 
     build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)
     report.write_summary(exp)
-    report.print_markdown(report.ensemble_section(exp), console)
+    report.print_markdown(report.ensemble_section(Experiment.open(exp)), console)
     console.print(f"saved: {exp / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
+
+
+@app.command("report")
+def report_command(
+    exp: Path = typer.Argument(..., help="Experiment folder."),
+    out: Path = typer.Option(None, "--out", help="HTML file to write (default EXP/report.html)."),
+) -> None:
+    """One self-contained HTML report: data warnings, search, seeds, ensemble, explanations (opens offline)."""
+    from cxr_search import html_report
+
+    path = html_report.write_report(exp, out)
+    console.print(f"saved: {path} (self-contained: open it in any browser, nothing is fetched)", highlight=False)
 
 
 @app.command("train")

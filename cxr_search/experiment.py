@@ -497,6 +497,18 @@ class Experiment:
     def journal(self) -> Path:
         return self.path / JOURNAL_FILE
 
+    def study(self) -> Any:
+        """The search's Optuna study (`optuna.journal`, study name = the plan's name), as optuna-dashboard shows
+        it, or None when the search used no Optuna searcher or has not started. Reading appends nothing."""
+        if not self.journal.is_file():
+            return None  # opening a JournalFileBackend would create an empty journal
+        import optuna
+
+        try:
+            return optuna.load_study(study_name=self.plan.name, storage=journal_storage(self.journal))
+        except KeyError:  # a journal without this experiment's study
+            return None
+
     def write_space_as_run(self) -> None:
         """`search_space.yaml`: the effective space for people to read (the plan in pipeline.json is what runs)."""
         import yaml
@@ -552,6 +564,14 @@ def exclusive(exp: Experiment) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def journal_storage(journal: str | Path) -> Any:
+    """The Optuna storage of an experiment's journal file (what `optuna-dashboard EXP/optuna.journal` opens)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(journal)))
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -659,6 +679,20 @@ def read_history(trial_dir: str | Path) -> pd.DataFrame:
     if "epoch" in df:
         df = df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
     return df
+
+
+def read_histories(results: pd.DataFrame) -> pd.DataFrame:
+    """Every trial's per-epoch metrics in one long table (`trial_id` first, then `read_history`'s columns), for
+    the trials of a results table (`Experiment.results`); trials without a history are left out."""
+    frames = []
+    for trial_id, trial_dir in zip(results.get("trial_id", []), results.get("trial_dir", []), strict=True):
+        hist = read_history(trial_dir)
+        if len(hist):
+            frames.append(hist.assign(trial_id=str(trial_id)))
+    if not frames:
+        return pd.DataFrame(columns=["trial_id", "epoch"])
+    df = pd.concat(frames, ignore_index=True)
+    return df[["trial_id", *[c for c in df.columns if c != "trial_id"]]]
 
 
 def trial_end(trial_dir: str | Path, event: dict[str, Any] | None) -> str | None:

@@ -264,12 +264,7 @@ def trial_key(number: int) -> str:
     return f"{number:04d}"
 
 
-def optuna_storage(journal: Path) -> Any:
-    """Optuna journal file in the experiment (open it with `optuna-dashboard <exp>/optuna.journal`)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(journal)))
+optuna_storage = experiment.journal_storage
 
 
 def repair_journal(journal: Path) -> bytes:

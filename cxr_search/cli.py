@@ -158,6 +158,7 @@ def run(
     num_samples: int = typer.Option(None, "--num-samples", help="Trials to sample (per grid point)."),
     max_epochs: int = typer.Option(None, "--max-epochs", help="Epoch budget per trial (also ASHA's max_t)."),
     smoke: bool = typer.Option(False, "--smoke", help="A few tiny trials: checks the pipeline in about a minute."),
+    full: bool = typer.Option(False, "--full", help="Run the space as written even without a GPU (no CPU budget)."),
     address: str = typer.Option(None, "--address", help="Ray cluster: 'auto' (after `ray up`) or ray://host:10001."),
     storage: str = typer.Option(None, "--storage", help="Experiments root folder (on a cluster: one every node can read, e.g. NFS)."),
     gpus_per_trial: str = typer.Option(None, "--gpus-per-trial", help="'auto' (from backbone memory) or a fraction."),
@@ -173,7 +174,7 @@ def run(
 
     if storage is None or "://" not in storage:  # a remote URI is checked by the plan
         writable(Path(storage) if storage else paths.experiments_root(), "--storage", folder=True)
-    run_pipeline(space, data_dir=data, name=name, num_samples=num_samples, max_epochs=max_epochs, smoke=smoke,
+    run_pipeline(space, data_dir=data, name=name, num_samples=num_samples, max_epochs=max_epochs, smoke=smoke, full=full,
                  address=address, storage=storage, gpus_per_trial=gpus_per_trial, seed=seed,
                  stages=tuple(s.strip() for s in stages.split(",") if s.strip()), top_k=top_k, seeds=seeds,
                  resplit=resplit, console=console)
@@ -211,7 +212,7 @@ def retrain(
     from cxr_search.experiment import Experiment
     from cxr_search.search.retrain import retrain_experiment
 
-    retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address)
+    retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address, console=console)
     report.write_summary(exp)
     report.print_markdown(report.retrain_section(Experiment.open(exp)), console)  # the section reads the plan too
     console.print(f"results: {exp / 'retrain'} (results.parquet, summary.csv, distribution.png)")

@@ -170,6 +170,7 @@ def ensemble_section(exp: Experiment) -> list[str]:
             f"({ens['val_nll_before']:.4f} -> {ens['val_nll_after']:.4f}); test ECE {ens['ece_before']:.4f} -> "
             f"{ens['ece_after']:.4f}. Accuracy gain over the best single member (chosen on validation): "
             f"{fmt_ci(*gain)} (paired bootstrap). Test set: {ens['n_test']} images.", "",
+            *[line for w in ens.get("calibration_warnings", []) for line in (f"- **warning:** {w}", "")],
             markdown_table(pd.DataFrame(rows)), "", "Confusion matrix: `ensemble/confusion_matrix.png`.", ""]
 
 

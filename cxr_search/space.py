@@ -30,10 +30,11 @@ LABEL_KEYS = ("variant", "trial_key")
 
 TOP_KEYS = (
     "name", "description", "metric", "mode", "searcher", "scheduler", "num_samples", "max_concurrent_trials",
-    "resources", "checkpoint_every", "checkpoint_every_s", "max_failures", "data", "trial", "params", "variants", "cpu_budget",
+    "resources", "checkpoint_every", "checkpoint_every_s", "max_failures", "max_trials", "data", "trial", "params", "variants", "cpu_budget",
 )
 DATA_KEYS = ("size", "equalize", "val_fraction", "n_images", "seed", "resplit", "duplicate_policy")
-CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_epochs", "grace_period", "max_concurrent_trials",
+CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_trials", "max_epochs", "grace_period",
+                   "max_concurrent_trials",
                    "top_k", "seeds", "retrain_max_epochs", "params", "trial")
 
 _TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
@@ -112,6 +113,7 @@ class SearchSpec:
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML as loaded, written back as run
     checkpoint_every_s: float | None = None  # also seconds between resume states; None: automatic (<= ~10% cost)
+    max_trials: int | None = None  # a grid/random search runs only the first N trials of its plan (budgets)
 
     def replace(self, **changes: Any) -> SearchSpec:
         return dataclasses.replace(self, **changes)
@@ -165,7 +167,7 @@ class SearchSpec:
                 if distinct_seeds:
                     trial["seed"] = int(rng.integers(0, 2**31 - 1))
                 out.append(trial)
-        return out
+        return out[: self.max_trials] if self.max_trials else out
 
 
 def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +323,10 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         max_conc = _get(raw, "max_concurrent_trials", int, src, None)
     checkpoint_every = _get(raw, "checkpoint_every", int, src, 1)
     checkpoint_every_s = _get(raw, "checkpoint_every_s", float, src, None)
+    max_trials = _get(raw, "max_trials", int, src, None)
+    if max_trials is not None and (max_trials < 1 or searcher == "optuna"):
+        raise CxrError(f"{src}: max_trials caps a grid or random search's plan and must be >= 1 "
+                       f"(an Optuna search has num_samples), got {max_trials} with searcher {searcher}.")
     if checkpoint_every_s is not None and checkpoint_every_s < 0:
         raise CxrError(f"{src}: checkpoint_every_s must be >= 0 seconds (leave it out for automatic), "
                        f"got {checkpoint_every_s}.")
@@ -344,6 +350,7 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         gpus_per_trial=gpus if gpus == "auto" else float(gpus),
         checkpoint_every=checkpoint_every,
         checkpoint_every_s=checkpoint_every_s,
+        max_trials=max_trials,
         max_failures=max_failures,
         data=dict(data),
         trial=dict(trial),

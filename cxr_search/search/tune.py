@@ -516,8 +516,8 @@ class StageOptions:
     checkpoint_every: int = 1
     checkpoint_every_s: float | None = None
     max_failures: int = 2
-    verbose: int = 1
-    reporter: Any = None
+    verbose: int = 0  # Tune's own output (0: none; the console callback speaks to people)
+    callbacks: tuple[Any, ...] = ()  # more Tune callbacks (search/console.py's TrialConsole)
     reuse_actors: bool | None = None  # None: reuse trial processes only for CPU trials (a GPU trial's memory is
     # freed for sure only when its process ends)
 
@@ -531,6 +531,7 @@ def run_optuna_stage(stage_dir: Path, spec: SearchSpec, data: PreparedData, opti
     """
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines are the console's job
     journal = stage_dir / experiment.JOURNAL_FILE
     space = optuna_space(spec)
     state = reconcile_journal(stage_dir, journal, study_name, options.objective, space)
@@ -579,8 +580,6 @@ def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searc
         train_trial, data=data, stage=str(stage_dir), metric=options.objective.metric,
         mode=options.objective.mode, checkpoint_every=options.checkpoint_every,
         checkpoint_every_s=options.checkpoint_every_s, faults=engine.faults_from_env())
-    if options.reporter is not None:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # CLIReporter is only honoured by Tune's classic output
     tuner = tune.Tuner(
         tune.with_resources(trainable, options.resources),
         param_space=param_space,
@@ -593,7 +592,7 @@ def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searc
         ),
         run_config=tune.RunConfig(
             name=stage_dir.name, storage_path=str(stage_dir.parent), verbose=options.verbose,
-            progress_reporter=options.reporter, callbacks=[TrialEventLog(stage_dir), PendingWatch()],
+            callbacks=[TrialEventLog(stage_dir), PendingWatch(), *options.callbacks],
             failure_config=tune.FailureConfig(max_failures=max(1, options.max_failures)),
             # Checkpoints are our own model folders (see the module docstring); Ray keeps none.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -633,12 +632,12 @@ def tune_domain(p: ParamSpec) -> Any:
 
 
 def stage_options(spec: SearchSpec, *, scheduler: Any = None, resources: TrialResources | None = None,
-                  verbose: int = 1, reporter: Any = None) -> StageOptions:
+                  callbacks: tuple[Any, ...] = ()) -> StageOptions:
     return StageOptions(
         objective=Objective(spec.metric, spec.mode), resources=resources or trial_resources(spec),
         scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials,
         checkpoint_every=spec.checkpoint_every, checkpoint_every_s=spec.checkpoint_every_s,
-        max_failures=spec.max_failures, verbose=verbose, reporter=reporter)
+        max_failures=spec.max_failures, callbacks=callbacks)
 
 
 # ---------------------------------------------------------------- Ray itself
@@ -651,6 +650,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         return
     # Our SIGINT/SIGTERM handler asks Tune to stop (SIGUSR1) and remembers which signal it was.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune's classic output: silent at verbose 0 (the new one prints a configuration box and paths regardless);
+    # search/console.py speaks to people instead
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
         check_address(address)
@@ -661,8 +663,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
                            "start one with `ray up cluster.yaml` (or `ray start --head`), or leave --address out "
                            "to run on this machine.") from None
     else:
+        # ERROR: Ray's warnings at start-up (e.g. that token authentication is on) are not the user's business
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
+                 log_to_driver=not quiet, configure_logging=True, logging_level=logging.ERROR if quiet else logging.INFO)
     interrupt.reinstall()
 
 

@@ -189,6 +189,34 @@ def test_gpu_trials_without_a_gpu_are_refused_before_any_file(space_file, tmp_pa
     assert not (tmp_path / "exps" / "gpu").exists()
 
 
+def test_trial_resources_must_fit_one_live_node_unless_the_cluster_may_grow(monkeypatch):
+    from cxr_search.errors import CxrError
+    from cxr_search.search import tune as stage
+    from cxr_search.space import parse_space
+
+    monkeypatch.setattr(stage.ray, "nodes", lambda: [  # a GPU node, a CPU node and a dead big one
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 32.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}])
+
+    def spec(cpu: float, gpu: float):
+        return parse_space({"searcher": "random", "scheduler": "fifo", "resources": {"cpu": cpu, "gpu": gpu},
+                            "trial": {"backbone": "cnn3"}}, "s.yaml")
+
+    assert stage.check_trial_resources(spec(16, 0), address=None) == []  # the CPU node fits it
+    assert stage.check_trial_resources(spec(8, 0.5), address=None) == []  # the GPU node fits it
+    with pytest.raises(CxrError, match=r"asks for 2 GPUs \(--gpus-per-trial or resources.gpu in s.yaml\) but "
+                                       r"the largest node of this machine's Ray has 1"):
+        stage.check_trial_resources(spec(1, 2), address=None)
+    with pytest.raises(CxrError, match="16 CPUs and 1 GPU on one node .* with that GPU share have at most 8 CPUs"):
+        stage.check_trial_resources(spec(16, 1), address=None)
+    monkeypatch.setattr(stage, "_may_autoscale", lambda: False)
+    with pytest.raises(CxrError, match="of the cluster at auto has 32"):
+        stage.check_trial_resources(spec(48, 0), address="auto")
+    monkeypatch.setattr(stage, "_may_autoscale", lambda: True)
+    notes = stage.check_trial_resources(spec(48, 0), address="auto")
+    assert len(notes) == 1 and "wait for the autoscaler" in notes[0]
+
+
 def test_a_trial_pending_too_long_is_explained_once_per_period(monkeypatch):
     from cxr_search.search import tune as stage
 

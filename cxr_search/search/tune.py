@@ -127,7 +127,12 @@ def check_trial_resources(spec: SearchSpec, *, address: str | None) -> list[str]
                            f"in {spec.source}) but {where} has no GPU, so no trial could ever start; use "
                            "--gpus-per-trial 0, or gpu: auto (a GPU share only where there is one).")
         short = [k for k in ("CPU", "GPU") if want[k] > largest[k]]
-        key = short[0] if short else "CPU"
+        if not short:  # each fits somewhere, not both on one node
+            most = max(n.get("CPU", 0.0) for n in nodes if n.get("GPU", 0.0) >= want["GPU"])
+            raise CxrError(f"each {backbone} trial asks for {want['CPU']:g} CPUs and {want['GPU']:g} GPU on one node "
+                           f"(resources in {spec.source}) but the nodes of {where} with that GPU share have at most "
+                           f"{most:g} CPUs, so no trial could ever start; set resources.cpu to {most:g} or less.")
+        key = short[0]
         option = "resources.cpu" if key == "CPU" else "--gpus-per-trial or resources.gpu"
         raise CxrError(f"each {backbone} trial asks for {want[key]:g} {key}s ({option} in {spec.source}) but the "
                        f"largest node of {where} has {largest[key]:g}, so no trial could ever start; ask for "

@@ -343,6 +343,19 @@ def test_predict_and_explain_new_images(tiny_exp, tiny_phantoms, tmp_path):
     one_line_error(cli("predict", tiny_exp, tmp_path / "x.png", "--out", "/proc/p.csv"), "--out /proc/p.csv")
 
 
+def test_report_writes_one_page_and_refuses_a_data_folder(tiny_exp, tiny_phantoms, tmp_path):
+    from cxr_search.cli import app
+
+    if "report" not in {c.name for c in app.registered_commands}:
+        pytest.skip("no `report` command in this build")
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_exp, exp)
+    proc = cli("report", exp, "--out", tmp_path / "report.html")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "report.html").stat().st_size > 0
+    one_line_error(cli("report", tiny_phantoms), "not an experiment folder")
+
+
 def test_weights_list_and_fetch_errors(tmp_path):
     proc = cli("weights", "list", "--dir", tmp_path)
     assert proc.returncode == 0 and "resnet34" in proc.stdout and "missing" in proc.stdout, proc.stderr

@@ -269,6 +269,10 @@ def plan_run(
     data = {k: v for k, v in effective.data.items() if k in DataConfig.__dataclass_fields__}
     if resplit:
         data["resplit"] = True
+    size = int(data.get("size", DataConfig.size))
+    if size < 1:
+        raise CxrError(f"{spec.source}: data.size must be >= 1 pixel, got {size}.")
+    notes += space_notes(effective, size)
     budget_kind = "smoke" if smoke else ("cpu" if budget else ("explicit" if num_samples or max_epochs else "full"))
     cli = {"num_samples": num_samples, "max_epochs": max_epochs, "top_k": top_k if top_k is not None and
            top_k != budget.get("top_k", 1) else None, "seeds": seeds if seeds != budget.get("seeds", 50) else None}
@@ -282,6 +286,39 @@ def plan_run(
         ensemble_members=max(3, int(top_k)), budget=budget_kind, notes=tuple(notes), address=address,
         storage=str(Path(storage).expanduser().resolve()) if storage is not None else None, num_cpus=num_cpus,
     )
+
+
+def space_notes(spec: SearchSpec, size: int) -> list[str]:
+    """What a run of this space changes or cannot learn, said before it starts (no silent substitutions)."""
+    out = []
+    note = input_size_note({b for (b,) in spec.combinations("backbone")}, size, "data.size")
+    if note:
+        out.append(note)
+    frozen = [f for _, pretrained, f in spec.combinations("backbone", "pretrained", "freeze_fraction")
+              if pretrained == "none" and float(f) > 0]
+    if frozen:
+        out.append(frozen_random_note(max(float(f) for f in frozen), "freeze_fraction up to",
+                                      "set pretrained: imagenet (staged by `cxr-search weights fetch`) or "
+                                      "freeze_fraction: 0"))
+    return out
+
+
+def input_size_note(backbones: set[str], size: int, option: str) -> str | None:
+    """A note when images are smaller than a backbone accepts: the model input upsamples them (engine.model_input)."""
+    from cxr_search.models import MIN_INPUT_SIZE
+
+    small = sorted(b for b in backbones if size < MIN_INPUT_SIZE.get(b, 0))
+    if not small:
+        return None
+    need = max(MIN_INPUT_SIZE[b] for b in small)
+    return (f"{option} {size}: {', '.join(small)} needs at least {need} px, so images are upsampled to {need} px "
+            f"in the model input (no detail is added and compute is spent); use {option} {need} or more.")
+
+
+def frozen_random_note(fraction: float, option: str, fix: str) -> str:
+    """The note for a frozen backbone without pretrained weights: its random layers never learn."""
+    return (f"{option} {fraction:g} without pretrained weights freezes random layers that will never learn (the "
+            f"study froze ImageNet weights); {fix}.")
 
 
 def _budget_line(spec: SearchSpec, data: dict[str, Any], data_dir: str | None, top_k: int, seeds: int,

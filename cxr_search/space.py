@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,19 +120,23 @@ class SearchSpec:
 
     def backbone_pairs(self) -> set[tuple[str, str]]:
         """Every (backbone, pretrained) a trial of this space can have (to check staged weights before a run)."""
-        def values(name: str) -> list[Any]:
+        return self.combinations("backbone", "pretrained")
+
+    def combinations(self, *names: str) -> set[tuple[Any, ...]]:
+        """Every combination of the given TrialConfig fields a trial of this space can have (per variant; a
+        searched range contributes its bounds)."""
+        def values(point: dict[str, Any], name: str) -> list[Any]:
+            if name in point:
+                return [point[name]]
             searched = [p for p in self.params if p.name == name]
             if searched:
                 return list(searched[0].values)
             return [self.trial.get(name, getattr(TrialConfig, name))]
 
-        points = [dict(settings) for _, settings in self.variants] or [{}]
-        pairs = set()
-        for point in points:
-            for backbone in ([point["backbone"]] if "backbone" in point else values("backbone")):
-                for pretrained in ([point["pretrained"]] if "pretrained" in point else values("pretrained")):
-                    pairs.add((backbone, pretrained))
-        return pairs
+        out: set[tuple[Any, ...]] = set()
+        for point in [dict(settings) for _, settings in self.variants] or [{}]:
+            out.update(itertools.product(*(values(point, name) for name in names)))
+        return out
 
     def planned_trials(self) -> list[dict[str, Any]]:
         """Every trial of a grid or random search, as concrete configs (fixed settings, labels, sampled values).

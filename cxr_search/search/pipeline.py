@@ -1,7 +1,8 @@
 """`cxr-search run` / `resume`: data -> search -> retrain -> ensemble -> summary, each stage resumable.
 
-The whole plan is built and validated first (`experiment.plan_run`, and Ray is reached when a cluster is
-named); only then is the experiment folder created, with `pipeline.json`. Each stage is marked complete in the
+The whole plan is built and validated first (`experiment.plan_run`), then Ray is started or reached and the
+trials' resources are checked against its nodes (`tune.check_trial_resources`); only then is the experiment
+folder created, with `pipeline.json`. Each stage is marked complete in the
 plan only after its outputs exist, so `resume EXP` after a kill, Ctrl-C or SIGTERM continues the first
 unfinished stage.
 """
@@ -37,6 +38,8 @@ def run_pipeline(space: str | Path, *, console: Console | None = None, **options
     console = console or Console()
     options.setdefault("gpu_available", torch.cuda.is_available() or options.get("address") is not None)
     plan = experiment.plan_run(space, **options)
+    for note in plan.notes:  # before Ray starts: what the plan changed or cannot learn
+        console.print(f"[yellow]note:[/] {note}")
     from cxr_search.search import tune as stage
 
     root = Path(plan.storage) if plan.storage else paths.experiments_root()
@@ -44,9 +47,10 @@ def run_pipeline(space: str | Path, *, console: Console | None = None, **options
         raise CxrError(f"experiment '{(root / plan.name).resolve()}' already exists; continue it with "
                        f"`cxr-search resume {(root / plan.name).resolve()}` or pick another --name.")
     stage.init_ray(address=plan.address, num_cpus=plan.num_cpus)  # a wrong --address fails before any file
+    notes = stage.check_trial_resources(plan.space, address=plan.address)  # trials that could never start
     exp = Experiment.create(plan, root)
     exp.write_space_as_run()
-    for note in plan.notes:
+    for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     _print_estimate(plan, console)
     with interrupt.naming(exp.path), experiment.exclusive(exp):
@@ -55,10 +59,15 @@ def run_pipeline(space: str | Path, *, console: Console | None = None, **options
 
 def resume_pipeline(exp_dir: str | Path, *, console: Console | None = None, address: str | None = None) -> Path:
     """Continue a run that was killed or stopped: the first unfinished stage goes on where it was."""
+    from cxr_search.search import tune as stage
+
     console = console or Console()
     exp = Experiment.open(exp_dir)
     experiment.weights.require_available(exp.plan.space.backbone_pairs())  # e.g. resumed on another machine
     with interrupt.naming(exp.path), experiment.exclusive(exp):
+        stage.init_ray(address=address or exp.plan.address, num_cpus=exp.plan.num_cpus)
+        for note in stage.check_trial_resources(exp.plan.space, address=address or exp.plan.address):
+            console.print(f"[yellow]note:[/] {note}")
         if address is not None and address != exp.plan.address:
             exp.update(address=address)
         console.print(f"resuming {exp.path} (done: {', '.join(exp.plan.completed) or 'nothing yet'})")
@@ -79,7 +88,6 @@ def _continue(exp: Experiment, console: Console) -> Path:
     exp.write_environment(experiment.environment(
         {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
         seeds={"searcher": plan.space.seed, "trial": int(plan.space.trial.get("seed", 0)), "split": plan.data.seed}))
-    _check_slots(plan, console)
 
     if "search" in plan.stages and not exp.is_complete("search"):
         run_search(exp, data, console)
@@ -160,13 +168,3 @@ def _print_estimate(plan: Plan, console: Console) -> None:
     if seconds > 2 * 3600:
         console.print(f"[bold red]warning:[/] this plan needs about {text} here; for minutes use the CPU budget "
                       "(leave out --full / --num-samples / --max-epochs) or --smoke, or run it on a GPU.")
-
-
-def _check_slots(plan: Plan, console: Console) -> None:
-    import ray
-
-    spec = plan.space
-    slots = int(ray.cluster_resources().get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
-    if spec.scheduler.kind == "asha" and min(slots, spec.max_concurrent_trials or slots) < 2:
-        console.print(f"[yellow]note:[/] one trial slot ({spec.cpus_per_trial:g} CPUs per trial): ASHA can only "
-                      f"compare a trial with finished ones; lower resources.cpu to run trials side by side")

@@ -81,6 +81,8 @@ def retrain_experiment(exp_dir: str, *, top_k: int, seeds: int | list[int], max_
                        f"(`cxr-search resume {exp.path}`).")
     retrain.seed_list(seeds)  # validate before any work
     with interrupt.naming(exp.path), experiment.exclusive(exp):
-        data = exp.plan.data.prepare()  # same folder, size and split seed as the search: same splits
         stage.init_ray(address=address or exp.plan.address, num_cpus=exp.plan.num_cpus)
+        for note in stage.check_trial_resources(exp.plan.space, address=address or exp.plan.address):
+            (console.print if console is not None else print)(f"note: {note}")
+        data = exp.plan.data.prepare()  # same folder, size and split seed as the search: same splits
         return run_retrain(exp, data, top_k=top_k, seeds=seeds, max_epochs=max_epochs, console=console)

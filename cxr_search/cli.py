@@ -208,14 +208,10 @@ def retrain(
     address: str = typer.Option(None, "--address", help="Ray cluster (default: as the experiment ran)."),
 ) -> None:
     """Retrain the search's best configurations over many seeds on the same splits; summarise the spread."""
-    from cxr_search import report
-    from cxr_search.experiment import Experiment
     from cxr_search.search.retrain import retrain_experiment
 
     retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address, console=console)
-    report.write_summary(exp)
-    report.print_markdown(report.retrain_section(Experiment.open(exp)), console)
-    console.print(f"results: {exp / 'retrain'} (results.parquet, summary.csv, distribution.png)")
+    _show_stage(exp, "retrain", "results.parquet, summary.csv, distribution.png")
 
 
 @app.command("ensemble")
@@ -229,14 +225,21 @@ def ensemble(
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Temperature scaling on validation."),
 ) -> None:
     """Soft-voting ensemble of finished models (no retraining), evaluated on test with bootstrap intervals."""
-    from cxr_search import report
     from cxr_search.ensemble import build_ensemble
-    from cxr_search.experiment import Experiment
 
     build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)
+    _show_stage(exp, "ensemble", "ensemble.json, metrics.csv, confusion_matrix.png")
+
+
+def _show_stage(exp: Path, stage: str, files: str) -> None:
+    """After a stage run on its own: rewrite summary.md, print the stage's section and where its files are."""
+    from cxr_search import report
+    from cxr_search.experiment import Experiment
+
     report.write_summary(exp)
-    report.print_markdown(report.ensemble_section(Experiment.open(exp)), console)
-    console.print(f"saved: {exp / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
+    section = report.retrain_section if stage == "retrain" else report.ensemble_section
+    report.print_markdown(section(Experiment.open(exp)), console)
+    console.print(f"saved: {exp / stage} ({files})", highlight=False)
 
 
 @app.command("report")

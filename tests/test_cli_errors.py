@@ -326,7 +326,7 @@ def test_retrain_trains_the_best_configuration_on_ray_and_reports_it(tiny_exp, t
     shutil.copytree(tiny_exp, exp)
     proc = cli("retrain", exp, "--seeds", "1", "--max-epochs", "1", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (exp / "retrain" / "results.parquet").is_file() and "results:" in proc.stdout
+    assert (exp / "retrain" / "results.parquet").is_file() and "saved:" in proc.stdout
 
 
 def test_predict_and_explain_new_images(tiny_exp, tiny_phantoms, tmp_path):

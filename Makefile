@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench notebooks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The analysis notebooks executed on one experiment: make notebooks EXP=experiments/<name> [OUT=folder]
+EXP ?=
+OUT ?= $(EXP)/notebooks
+notebooks:
+	@test -n "$(EXP)" || { echo "usage: make notebooks EXP=experiments/<name> [OUT=folder]" >&2; exit 2; }
+	@$(MAKE) --no-print-directory install
+	$(BIN)/python analysis/run_notebooks.py "$(EXP)" --out "$(OUT)"
+
 lint: install
-	$(BIN)/ruff check cxr_search tests benchmarks
+	$(BIN)/ruff check cxr_search tests benchmarks analysis
 
 bench: install
 	$(BIN)/python benchmarks/data_pipeline.py

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -29,6 +30,39 @@ app.add_typer(weights_app, name="weights")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+def writable(path: Path | None, option: str, *, folder: bool = False) -> Path | None:
+    """Refuse, before any work, an output the command could not write (one line naming the option).
+
+    Probes by creating and deleting a temporary file in the deepest folder that exists, the same operation the
+    atomic writers do, so read-only mounts, /proc and permission problems are caught, not guessed.
+
+    Args:
+        path: the output the user named (None: nothing to check).
+        option: the option, for the message (`--json`).
+        folder: the output is a folder (else a file).
+    """
+    import tempfile
+
+    if path is None:
+        return None
+    target = path.expanduser()
+    if not folder and target.is_dir():
+        raise CxrError(f"{option} {path} is a folder; give a file name (e.g. {target / 'report.json'}).")
+    if folder and target.exists() and not target.is_dir():
+        raise CxrError(f"{option} {path} is a file; give a folder.")
+    base = target if folder else target.parent
+    existing = next(p for p in (base, *base.parents) if p.exists())
+    if not existing.is_dir():
+        raise CxrError(f"{option} {path}: {existing} is a file, not a folder; pick another path.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise CxrError(f"{option} {path}: cannot write in {existing} ({e.strerror or e}); pick a folder you can "
+                       "write to.") from None
+    return path
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., "--out", help="Folder to write the phantom data set to (Kaggle layout)."),
@@ -44,6 +78,7 @@ def data_synth(
     """Write seeded procedural chest X-ray phantoms with lesion masks and a manifest."""
     from cxr_search.data import phantoms
 
+    writable(out, "--out", folder=True)
     injections = tuple(s.strip() for s in inject.split(",") if s.strip())
     summary = phantoms.generate(
         out, n_images=n_images, size=size, seed=seed, difficulty=difficulty, inject=injections, progress=True
@@ -64,6 +99,7 @@ def data_check(
     quality flags, source shortcuts and whether the set can be split."""
     from cxr_search.data import integrity
 
+    writable(json_out, "--json")  # before the (long) check, not after it
     report = integrity.check(data_dir, workers=workers, progress=True)
     integrity.print_report(report, console)
     if json_out is not None:
@@ -81,6 +117,7 @@ def weights_fetch(
     """Download each backbone's ImageNet weights once (needs internet); runs then read them offline."""
     from cxr_search import paths, staging
 
+    writable(to, "--to", folder=True)
     names = None if backbones.strip() == "all" else [b.strip() for b in backbones.split(",") if b.strip()]
     staged = staging.fetch(names, root=to, force=force)
     _print_weights(staged, f"ImageNet weights in {to or paths.weights_dir()}")
@@ -96,6 +133,9 @@ def weights_list(
     """Which backbones have ImageNet weights staged (reads no weights, needs no network)."""
     from cxr_search import paths, weights
 
+    if folder is not None and not folder.expanduser().is_dir():
+        raise CxrError(f"--dir {folder}: no such folder; leave --dir out for {paths.weights_dir()}, or give the "
+                       "folder `cxr-search weights fetch --to` wrote.")
     _print_weights(weights.list_staged(folder), f"ImageNet weights in {folder or paths.weights_dir()}")
 
 
@@ -119,8 +159,9 @@ def run(
     num_samples: int = typer.Option(None, "--num-samples", help="Trials to sample (per grid point)."),
     max_epochs: int = typer.Option(None, "--max-epochs", help="Epoch budget per trial (also ASHA's max_t)."),
     smoke: bool = typer.Option(False, "--smoke", help="A few tiny trials: checks the pipeline in about a minute."),
+    full: bool = typer.Option(False, "--full", help="Run the space as written even without a GPU (no CPU budget)."),
     address: str = typer.Option(None, "--address", help="Ray cluster: 'auto' (after `ray up`) or ray://host:10001."),
-    storage: str = typer.Option(None, "--storage", help="Experiments root: a path, or s3://... for a cluster."),
+    storage: str = typer.Option(None, "--storage", help="Experiments root folder (on a cluster: one every node can read, e.g. NFS)."),
     gpus_per_trial: str = typer.Option(None, "--gpus-per-trial", help="'auto' (from backbone memory) or a fraction."),
     seed: int = typer.Option(None, "--seed", help="Seed of the searcher and the trials."),
     stages: str = typer.Option("search,retrain,ensemble", "--stages", help="Stages to run, comma-separated."),
@@ -129,9 +170,12 @@ def run(
     resplit: bool = typer.Option(False, "--resplit", help="Pool train and test, re-split train/val/test by patient."),
 ) -> None:
     """Search a space with Ray Tune (Optuna + ASHA), then retrain the best, ensemble and summarise."""
+    from cxr_search import paths
     from cxr_search.search.pipeline import run_pipeline
 
-    run_pipeline(space, data_dir=data, name=name, num_samples=num_samples, max_epochs=max_epochs, smoke=smoke,
+    if storage is None or "://" not in storage:  # a remote URI is checked by the plan
+        writable(Path(storage) if storage else paths.experiments_root(), "--storage", folder=True)
+    run_pipeline(space, data_dir=data, name=name, num_samples=num_samples, max_epochs=max_epochs, smoke=smoke, full=full,
                  address=address, storage=storage, gpus_per_trial=gpus_per_trial, seed=seed,
                  stages=tuple(s.strip() for s in stages.split(",") if s.strip()), top_k=top_k, seeds=seeds,
                  resplit=resplit, console=console)
@@ -165,13 +209,10 @@ def retrain(
     address: str = typer.Option(None, "--address", help="Ray cluster (default: as the experiment ran)."),
 ) -> None:
     """Retrain the search's best configurations over many seeds on the same splits; summarise the spread."""
-    from cxr_search import report
     from cxr_search.search.retrain import retrain_experiment
 
-    retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address)
-    report.write_summary(exp)
-    report.print_markdown(report.retrain_section(exp), console)
-    console.print(f"results: {storage.path(exp) / 'retrain'} (results.parquet, summary.csv, distribution.png)")
+    retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address, console=console)
+    _show_stage(exp, "retrain", "results.parquet, summary.csv, distribution.png")
 
 
 @app.command("ensemble")
@@ -185,13 +226,35 @@ def ensemble(
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Temperature scaling on validation."),
 ) -> None:
     """Soft-voting ensemble of finished models (no retraining), evaluated on test with bootstrap intervals."""
-    from cxr_search import report
     from cxr_search.ensemble import build_ensemble
 
     build_ensemble(exp, top_k=top, source=source, weights=weights, calibrate=calibrate)
+    _show_stage(exp, "ensemble", "ensemble.json, metrics.csv, confusion_matrix.png")
+
+
+def _show_stage(exp: str, stage: str, files: str) -> None:
+    """After a stage run on its own: rewrite summary.md, print the stage's section and where its files are."""
+    from cxr_search import report
+    from cxr_search.experiment import Experiment
+
     report.write_summary(exp)
-    report.print_markdown(report.ensemble_section(exp), console)
-    console.print(f"saved: {storage.path(exp) / 'ensemble'} (ensemble.json, metrics.csv, confusion_matrix.png)")
+    section = report.retrain_section if stage == "retrain" else report.ensemble_section
+    report.print_markdown(section(Experiment.open(exp)), console)
+    console.print(f"saved: {storage.path(exp) / stage} ({files})", highlight=False)
+
+
+@app.command("report")
+def report_command(
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI)."),
+    out: Path = typer.Option(None, "--out", help="HTML file to write (default EXP/report.html)."),
+) -> None:
+    """One self-contained HTML report: data warnings, search, seeds, ensemble, explanations (opens offline)."""
+    from cxr_search import html_report
+
+    if out is not None:
+        writable(out, "--out")
+    path = html_report.write_report(exp, out)
+    console.print(f"saved: {path} (self-contained: open it in any browser, nothing is fetched)", highlight=False)
 
 
 @app.command("train")
@@ -214,18 +277,24 @@ def train(
     resplit: bool = typer.Option(False, "--resplit", help="Pool train and test, re-split train/val/test by patient."),
 ) -> None:
     """Train one model without Ray, then print the study's summary columns and save the model folder."""
+    from cxr_search import paths
     from cxr_search import train as single
     from cxr_search.config import TrialConfig
 
+    for option, value in (("--epochs", epochs), ("--size", size)):
+        if value is not None and value < 1:
+            raise CxrError(f"{option} must be >= 1, got {value} (leave it out for the default).")
+    writable(out or paths.experiments_root(), "--out", folder=True)
+    epochs = epochs if epochs is not None else (single.SMOKE_EPOCHS if smoke else 100)
+    size = size if size is not None else (single.SMOKE_SIZE if smoke else 128)
     cfg = TrialConfig.from_dict(
-        dict(backbone=backbone, max_epochs=epochs or (single.SMOKE_EPOCHS if smoke else 100), batch_size=batch_size,
-             optimizer=optimizer, lr=lr, freeze_fraction=freeze_fraction, head=head, regularizer=regularizer,
-             pretrained=pretrained, seed=seed, device=device), source="cxr-search train")
-    single.check(cfg)  # staged weights before any data work; never downloads
-    for note in single.notes(cfg):
+        dict(backbone=backbone, max_epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+             freeze_fraction=freeze_fraction, head=head, regularizer=regularizer, pretrained=pretrained, seed=seed,
+             device=device), source="cxr-search train")
+    single.check(cfg)  # device, weights (staged, readable) before any data work; never downloads
+    for note in single.notes(cfg, size):
         console.print(f"[yellow]note:[/] {note}")
-    run = single.train_model(cfg, data_dir=data, size=size or (single.SMOKE_SIZE if smoke else 128), resplit=resplit,
-                             out=out, smoke=smoke)
+    run = single.train_model(cfg, data_dir=data, size=size, resplit=resplit, out=out, smoke=smoke)
     single.print_run(run, console)
 
 
@@ -244,6 +313,7 @@ def predict_command(
 
     from cxr_search import predict
 
+    writable(out, "--out")
     predictor = predict.load(model, device=device)
     files = predict.list_inputs(inputs)
     if not files:
@@ -285,12 +355,21 @@ def explain_command(
 
     from cxr_search import explain, predict, report
 
+    writable(out, "--out", folder=True)
+    if not evaluate and not images:
+        raise CxrError("name the images to explain (files or folders), or pass --evaluate.")
+    if evaluate:
+        methods = explain.check_methods([m.strip() for m in method.split(",")] if method else list(explain.METHODS))
+    else:
+        methods = explain.check_methods([method or "gradcam"])  # one method per call without --evaluate
+    if evaluate:
+        from cxr_search.experiment import Experiment
+
+        exp = Experiment.open(model)  # --evaluate writes EXP/explain/ and summary.md: an experiment folder
     predictor = predict.load(model, device=device)
     if not evaluate:
-        if not images:
-            raise CxrError("name the images to explain (files or folders), or pass --evaluate.")
         files = predict.list_inputs(images)
-        chosen = explain.check_methods([method or "gradcam"])[0]
+        chosen = methods[0]
         folder = out or Path("explanations")
         table = explain.explain_files(predictor, files, chosen, folder, samples=samples, seed=seed)
         failed = int((table["error"] != "").sum())
@@ -299,10 +378,6 @@ def explain_command(
         if failed:
             raise typer.Exit(1)
         return
-    from cxr_search.experiment import Experiment
-
-    exp = Experiment.open(model)  # --evaluate writes EXP/explain/ and summary.md: an experiment folder
-    methods = explain.check_methods([m.strip() for m in method.split(",")] if method else list(explain.METHODS))
     if data is not None:
         from cxr_search.data.prepare import prepare
 
@@ -321,32 +396,89 @@ def explain_command(
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2, never a traceback.
+    """Console entry point: one error path for every command.
 
-    SIGINT (Ctrl-C) and SIGTERM stop a running stage cleanly: its state is saved, nothing is marked complete
-    that is not, and the process exits 130 / 143 with the command that continues it.
+    - A usage error (unknown command or option, a missing or malformed value) prints the usage line, the help
+      hint and one `error:` line; a `CxrError` (bad input the user can fix) prints one `error:` line. Both exit 2.
+    - Anything else is a bug or an environment failure: one line naming the log file that holds the traceback,
+      exit 1.
+    - SIGINT (Ctrl-C) and SIGTERM stop a running stage cleanly: its state is saved, nothing is marked complete
+      that is not, and the process exits 130 / 143 with the command that continues it.
     """
     from cxr_search.interrupt import StageInterrupted, interruptible
 
+    click_errors = _click_exceptions()
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     command = typer.main.get_command(app)
     try:
         with interruptible():
             rc = command.main(args=sys.argv[1:], prog_name="cxr-search", standalone_mode=False)
     except StageInterrupted as e:
         hint = f"; continue with `cxr-search resume {e.experiment}`" if e.experiment else ""
-        Console(stderr=True).print(f"stopped by {e}: the finished work is saved{hint}", highlight=False,
-                                   soft_wrap=True)
+        err.print(f"stopped by {e}: the finished work is saved{hint}", markup=False)
         sys.exit(128 + e.signum)
     except CxrError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _print_error(err, str(e))
         sys.exit(2)
-    except click.exceptions.Abort:
-        Console(stderr=True).print("aborted")
+    except click_errors.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `cxr-search` or `cxr-search data` alone: typer printed help
+            sys.exit(2)
+        if e.ctx is not None:
+            err.print(e.ctx.get_usage(), markup=False)
+            err.print(f"Try '{e.ctx.command_path} --help' for help.", markup=False)
+        _print_error(err, e.format_message())
+        sys.exit(2)
+    except click_errors.ClickException as e:  # e.g. a file typer could not open: the user's to fix
+        _print_error(err, e.format_message())
+        sys.exit(2)
+    except typer.Abort:
+        err.print("aborted")
         sys.exit(130)
-    except click.ClickException as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the last resort: one line and the traceback in a file
+        log = _write_traceback(e)
+        where = f"the traceback is in {log}" if log else "the traceback could not be saved"
+        _print_error(err, f"internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]}); {where}. "
+                          "Please report it with that file.")
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _click_exceptions() -> Any:
+    """The click exception classes typer raises: its vendored copy (typer >= 0.22), else click's own."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _print_error(err: Console, message: str) -> None:
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}")
+
+
+def _write_traceback(error: BaseException) -> Path | None:
+    """Save an unexpected error's traceback under `<cache>/logs/` (the temp folder if the cache is unwritable)."""
+    import tempfile
+    import time
+    import traceback
+
+    from cxr_search import __version__, paths
+
+    text = (f"cxr-search {__version__}\ncommand: {' '.join(['cxr-search', *sys.argv[1:]])}\n"
+            f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
+            + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (lambda: paths.cache_root() / "logs", lambda: Path(tempfile.gettempdir())):
+        try:
+            path = folder() / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

@@ -163,6 +163,8 @@ def evaluate(members: Sequence[Member], weights: np.ndarray, *, calibrate: bool 
     uncal = classification_metrics(y_test, test_probs_raw)
     return {
         "temperature": temperature,
+        "calibration_warnings": calibration_warnings(temperature, float(uncal["ece"]), float(ece(test_probs, y_test)),
+                                                     calibrate),
         "metrics": {k: [float(x) for x in v] for k, v in ci.items()},
         "metrics_uncalibrated": {k: float(v) for k, v in uncal.items()},
         "ece_before": float(uncal["ece"]),
@@ -176,6 +178,20 @@ def evaluate(members: Sequence[Member], weights: np.ndarray, *, calibrate: bool 
                                                    n_resamples=n_resamples, seed=seed),
         "confusion_matrix": confusion(y_test, test_probs.argmax(1)).tolist(),
     }
+
+
+def calibration_warnings(temperature: float, ece_before: float, ece_after: float, calibrated: bool) -> list[str]:
+    """What a reader must know about the temperature: it hit the end of its range (the validation set is too
+    small or too easy to pin it down), or it made the test calibration worse."""
+    out = []
+    if calibrated and min(abs(math.log(temperature) - b) for b in _LOG_T_BOUNDS) < 1e-3:
+        out.append(f"the temperature hit the end of its search range (T = {temperature:.3f}): the validation set "
+                   "cannot pin it down (too few images, or separated perfectly); calibrated probabilities are not "
+                   "to be trusted")
+    if calibrated and ece_after > ece_before:
+        out.append(f"temperature scaling made the test calibration worse (ECE {ece_before:.4f} -> {ece_after:.4f}); "
+                   "use the uncalibrated probabilities (`ensemble --no-calibrate`)")
+    return out
 
 
 def paired_acc_gain(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, *, n_resamples: int = 1000,

@@ -207,11 +207,13 @@ def plan_run(
     address: str | None = None,
     storage: str | Path | None = None,
     num_cpus: int | None = None,
+    full: bool = False,
 ) -> Plan:
     """Load and validate the space, decide the budget and check every option: the whole plan, nothing written.
 
-    Without a GPU and without an explicit budget (--num-samples/--max-epochs), the file's `cpu_budget`
-    section applies (small images, a small phantom set, few trials and epochs); --smoke is smaller still.
+    Without a GPU the file's `cpu_budget` section applies (small images, a small phantom set, few trials and
+    epochs) unless `full`; --smoke is smaller still; command-line options override either. The plan's notes say
+    every budget setting and where it came from (the space file, the CPU budget / smoke size, the command line).
 
     Raises:
         CxrError: a bad space, option or data folder, naming it and the fix.
@@ -235,21 +237,20 @@ def plan_run(
     budget: dict[str, Any] = {}
     if smoke:
         budget = {**SMOKE, **{k: v for k, v in spec.cpu_budget.items() if k in ("params", "trial")}}
-    elif not gpu_available and num_samples is None and max_epochs is None:
+        if spec.searcher != "optuna":  # a few points of the grid, once each, not the whole grid four times
+            budget.update(num_samples=1, max_trials=SMOKE["num_samples"])
+    elif not gpu_available and not full:
         budget = dict(spec.cpu_budget)
+    budget_name = "smoke size" if smoke else "CPU budget"
     # The study retrained its best configuration 50 times; a budget scales this down (and says so).
     top_k = top_k if top_k is not None else budget.get("top_k", 1)
     seeds = seeds if seeds is not None else budget.get("seeds", 50)
     if smoke:
         notes.append("smoke size: a few tiny trials to check the pipeline end to end (numbers mean nothing)")
     elif budget:
-        notes.append(
-            "no GPU found: CPU budget from the file's cpu_budget ("
-            + ", ".join(f"{k}={budget[k]}" for k in ("n_images", "size", "num_samples", "max_epochs") if k in budget)
-            + f"; retrain top {top_k} x {seeds} seeds, the study used 50; pretrained: "
-            + f"{(budget.get('trial') or {}).get('pretrained', (raw.get('trial') or {}).get('pretrained', 'none'))}"
-            + ", the study fine-tuned ImageNet weights)"
-            + "; pass --num-samples/--max-epochs (and --seeds) for a full search")
+        pretrained = (budget.get("trial") or {}).get("pretrained", (raw.get("trial") or {}).get("pretrained", "none"))
+        notes.append(f"no GPU found: the space's CPU budget applies (pretrained: {pretrained}; the study fine-tuned "
+                     "ImageNet weights and retrained 50 seeds); --full runs the space as written")
     _apply_budget(raw, budget, data_dir is None)
     if num_samples is not None:
         raw["num_samples"] = num_samples
@@ -265,11 +266,20 @@ def plan_run(
     data = {k: v for k, v in effective.data.items() if k in DataConfig.__dataclass_fields__}
     if resplit:
         data["resplit"] = True
+    size = int(data.get("size", DataConfig.size))
+    if size < 1:
+        raise CxrError(f"{spec.source}: data.size must be >= 1 pixel, got {size}.")
+    notes += space_notes(effective, size)
     budget_kind = "smoke" if smoke else ("cpu" if budget else ("explicit" if num_samples or max_epochs else "full"))
+    cli = {"num_samples": num_samples, "max_epochs": max_epochs, "top_k": top_k if top_k is not None and
+           top_k != budget.get("top_k", 1) else None, "seeds": seeds if seeds != budget.get("seeds", 50) else None}
+    notes.append(_budget_line(effective, data, data_dir, int(top_k), int(seeds),
+                              max_epochs if max_epochs is not None else budget.get("retrain_max_epochs"),
+                              budget, budget_name, cli))
     return Plan(
         name=name or f"{spec.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}",
         space=effective, data=DataConfig(data_dir=data_dir, **data), stages=tuple(stages), top_k=int(top_k),
-        seeds=int(seeds), retrain_max_epochs=budget.get("retrain_max_epochs"),
+        seeds=int(seeds), retrain_max_epochs=max_epochs if max_epochs is not None else budget.get("retrain_max_epochs"),
         ensemble_members=max(3, int(top_k)), budget=budget_kind, notes=tuple(notes), address=address,
         storage=_storage_root(storage) if storage is not None else None, num_cpus=num_cpus,
     )
@@ -278,7 +288,10 @@ def plan_run(
 def _storage_root(where: str | Path) -> str:
     """The --storage root as saved in the plan: an absolute local path, or the URI as given (checked to open)."""
     if storage.is_remote(str(where)):
-        root = storage.path(str(where))  # a URI no filesystem opens is a one-line error before anything runs
+        try:
+            root = storage.path(str(where))  # a URI no filesystem opens is a one-line error before anything runs
+        except CxrError as e:
+            raise CxrError(f"--storage {e}") from None
         top = root
         while top.parent != top and top.parent.fs_path not in ("", "/"):
             top = top.parent  # the bucket (s3://bucket/prefix), or the first folder
@@ -292,6 +305,114 @@ def _storage_root(where: str | Path) -> str:
             raise CxrError(f"--storage {where}: {top} does not exist; create the bucket first (or give another).")
         return str(where)
     return str(Path(where).expanduser().resolve())
+
+
+def space_notes(spec: SearchSpec, size: int) -> list[str]:
+    """What a run of this space changes or cannot learn, said before it starts (no silent substitutions)."""
+    out = []
+    note = input_size_note({b for (b,) in spec.combinations("backbone")}, size, "data.size")
+    if note:
+        out.append(note)
+    frozen = [f for _, pretrained, f in spec.combinations("backbone", "pretrained", "freeze_fraction")
+              if pretrained == "none" and float(f) > 0]
+    if frozen:
+        out.append(frozen_random_note(max(float(f) for f in frozen), "freeze_fraction up to",
+                                      "set pretrained: imagenet (staged by `cxr-search weights fetch`) or "
+                                      "freeze_fraction: 0"))
+    return out
+
+
+def input_size_note(backbones: set[str], size: int, option: str) -> str | None:
+    """A note when images are smaller than a backbone accepts: the model input upsamples them (engine.model_input)."""
+    from cxr_search.models import MIN_INPUT_SIZE
+
+    small = sorted(b for b in backbones if size < MIN_INPUT_SIZE.get(b, 0))
+    if not small:
+        return None
+    need = max(MIN_INPUT_SIZE[b] for b in small)
+    return (f"{option} {size}: {', '.join(small)} needs at least {need} px, so images are upsampled to {need} px "
+            f"in the model input (no detail is added and compute is spent); use {option} {need} or more.")
+
+
+def frozen_random_note(fraction: float, option: str, fix: str) -> str:
+    """The note for a frozen backbone without pretrained weights: its random layers never learn."""
+    return (f"{option} {fraction:g} without pretrained weights freezes random layers that will never learn (the "
+            f"study froze ImageNet weights); {fix}.")
+
+
+def _budget_line(spec: SearchSpec, data: dict[str, Any], data_dir: str | None, top_k: int, seeds: int,
+                 retrain_epochs: int | None, budget: dict[str, Any], budget_name: str,
+                 cli: dict[str, Any]) -> str:
+    """One line with every budget setting of a run and where it came from."""
+    def source(key: str) -> str:
+        if cli.get(key) is not None:
+            return "command line"
+        return budget_name if key in budget else "space file"
+
+    epochs = spec.trial.get("max_epochs", TrialConfig.max_epochs)
+    images = f"{data.get('n_images', DataConfig.n_images):,} phantoms" if data_dir is None else "the data folder"
+    slots = spec.max_concurrent_trials or "all"
+    if spec.searcher == "optuna":
+        trials = f"{spec.num_samples} Optuna trials ({source('num_samples')})"
+    else:
+        trials = f"{len(spec.planned_trials())} planned trials ({source('max_trials' if spec.max_trials else 'num_samples')})"
+    parts = [trials,
+             f"up to {_count(epochs, 'epoch')} per trial ({source('max_epochs')})",
+             f"{images} at {data.get('size', DataConfig.size)} px ({source('size')})",
+             f"{slots} trials at a time of {spec.cpus_per_trial:g} CPU ({source('max_concurrent_trials')})",
+             f"retrain top {top_k} x {seeds} seeds ({source('seeds')})"
+             + (f" of up to {_count(retrain_epochs, 'epoch')}" if retrain_epochs else "")]
+    narrowed = sorted(set(budget.get("params") or {}) | set(budget.get("trial") or {}))
+    if narrowed:
+        parts.append(f"{budget_name} narrows {', '.join(narrowed)}")
+    return "budget: " + "; ".join(parts)
+
+
+# Training images per second of one CPU thread at 80 px, batch 32, bf16 autocast, per backbone: measured on the
+# 2-core dev VM (AMD EPYC with AVX512-BF16) while other jobs ran, so rough; `estimate_seconds` scales them.
+CPU_IMG_PER_S_80PX = {"cnn3": 230.0, "alexnet": 330.0, "vgg16": 10.0, "vgg19": 7.0, "resnet34": 44.0,
+                      "resnet50": 11.0, "inception_v3": 40.0, "xception": 35.0, "densenet121": 34.0}
+_EVAL_COST = 0.35  # an evaluated image costs about a third of a trained one (no backward pass)
+_TRIAL_START_S = 10.0  # process, model build, first batch
+
+
+def estimate_seconds(plan: Plan, cpus: float) -> float:
+    """A rough upper bound of a plan's wall time on CPUs only (every trial runs its full epoch budget).
+
+    Args:
+        plan: the plan.
+        cpus: CPUs of the local Ray.
+    """
+    spec = plan.space
+    if plan.data.data_dir is None:
+        n_images = plan.data.n_images
+    else:
+        root = Path(plan.data.data_dir)
+        n_images = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 1000
+    n_train = n_images * (1 - 0.2) * (1 - plan.data.val_fraction)
+    n_val = n_images * 0.8 * plan.data.val_fraction
+    threads = max(1.0, spec.cpus_per_trial)
+    slots = max(1, min(spec.max_concurrent_trials or 10**6, int(cpus // threads) or 1))
+    scale = (80 / plan.data.size) ** 2 * threads ** 0.8  # pixels; a second thread adds ~75%
+
+    def trial_seconds(config: dict[str, Any]) -> float:
+        cfg = {**spec.trial, **config}
+        rate = CPU_IMG_PER_S_80PX.get(cfg.get("backbone", TrialConfig.backbone), 20.0) * scale
+        per_epoch = n_train * (2.0 if cfg.get("balance", TrialConfig.balance) == "oversample" else 1.0)
+        epochs = int(cfg.get("max_epochs", TrialConfig.max_epochs))
+        return _TRIAL_START_S + epochs * (per_epoch + _EVAL_COST * n_val) / rate
+
+    if spec.searcher == "optuna":
+        search = [trial_seconds({}) for _ in range(spec.num_samples)]
+    else:
+        search = [trial_seconds(t) for t in spec.planned_trials()]
+    retrain_cfg = {"max_epochs": plan.retrain_max_epochs} if plan.retrain_max_epochs else {}
+    retrain = [trial_seconds(retrain_cfg)] * (plan.top_k * plan.seeds) if "retrain" in plan.stages else []
+    return 60.0 + sum(search) / slots + sum(retrain) / slots
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _check_data_dir(data_dir: str | Path) -> str:
@@ -339,6 +460,8 @@ def _apply_budget(raw: dict[str, Any], budget: dict[str, Any], phantoms: bool) -
     raw["data"] = data
     if "num_samples" in budget:
         raw["num_samples"] = budget["num_samples"]
+    if "max_trials" in budget:
+        raw["max_trials"] = budget["max_trials"]
     if "max_concurrent_trials" in budget:
         raw["max_concurrent_trials"] = budget["max_concurrent_trials"]
     # A laptop has few cores: one per trial, so two trials run side by side and ASHA can compare them.
@@ -430,6 +553,18 @@ class Experiment:
     def journal(self) -> storage.Location:
         return self.path / JOURNAL_FILE
 
+    def study(self) -> Any:
+        """The search's Optuna study (`optuna.journal`, study name = the plan's name), as optuna-dashboard shows
+        it, or None when the search used no Optuna searcher or has not started. Reading appends nothing."""
+        if not self.journal.exists():
+            return None  # opening a JournalFileBackend would create an empty journal
+        import optuna
+
+        try:
+            return optuna.load_study(study_name=self.plan.name, storage=journal_storage(self.journal))
+        except KeyError:  # a journal without this experiment's study
+            return None
+
     def write_space_as_run(self) -> None:
         """`search_space.yaml`: the effective space for people to read (the plan in pipeline.json is what runs)."""
         import yaml
@@ -492,6 +627,19 @@ def exclusive(exp: Experiment) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def journal_storage(journal: storage.Location) -> Any:
+    """The Optuna storage of an experiment's journal: a local file (what `optuna-dashboard EXP/optuna.journal`
+    opens), or on an object store a folder of whole parts (`journal.py`)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if storage.is_remote(journal):
+        from cxr_search.journal import ObjectStoreJournal
+
+        return JournalStorage(ObjectStoreJournal(journal))
+    return JournalStorage(JournalFileBackend(str(journal)))
 
 
 def _read_json_or_none(path: storage.Location) -> Any:
@@ -599,6 +747,20 @@ def read_history(trial_dir: str | Path) -> pd.DataFrame:
     if "epoch" in df:
         df = df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
     return df
+
+
+def read_histories(results: pd.DataFrame) -> pd.DataFrame:
+    """Every trial's per-epoch metrics in one long table (`trial_id` first, then `read_history`'s columns), for
+    the trials of a results table (`Experiment.results`); trials without a history are left out."""
+    frames = []
+    for trial_id, trial_dir in zip(results.get("trial_id", []), results.get("trial_dir", []), strict=True):
+        hist = read_history(trial_dir)
+        if len(hist):
+            frames.append(hist.assign(trial_id=str(trial_id)))
+    if not frames:
+        return pd.DataFrame(columns=["trial_id", "epoch"])
+    df = pd.concat(frames, ignore_index=True)
+    return df[["trial_id", *[c for c in df.columns if c != "trial_id"]]]
 
 
 def trial_end(trial_dir: str | Path, event: dict[str, Any] | None) -> str | None:

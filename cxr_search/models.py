@@ -377,7 +377,8 @@ def _local_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # timm's loader: safetensors, or torch.load(weights_only=True); unwraps 'state_dict'/'model' keys.
         state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-fixable problem
-        raise CxrError(f"cannot read pretrained weights {path}: {type(e).__name__}: {e}") from None
+        raise CxrError(f"cannot read pretrained weights {path} ({type(e).__name__}: {e}): not a PyTorch state dict "
+                       "(.pth/.pt/.bin) or .safetensors file; give such a file, or use pretrained 'none'.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrError(f"pretrained weights {path} is not a state dict (a mapping of names to tensors).")
     return state

@@ -3,8 +3,8 @@ spread, ensemble, each with confidence intervals. Every section is optional: mis
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pandas as pd
 
 from cxr_search import paths, storage
 from cxr_search.config import TrialConfig
-from cxr_search.experiment import Experiment
+from cxr_search.experiment import ENSEMBLE_DIR, Experiment, predictions_path, read_predictions
 
 # Figures shown per model, in the study's table order (DESIGN.md names).
 TABLE_METRICS = ("acc", "normal_recall", "covid_recall_vs_pneumonia")
@@ -67,28 +67,52 @@ def study_summary(name: str) -> dict[str, Any]:
 
 def _test_cis(predictions_path: str, n_resamples: int) -> dict[str, tuple[float, float, float]]:
     """Bootstrap CIs of one model's test figures from its stored predictions (empty if none stored)."""
-    from cxr_search.experiment import read_predictions
     from cxr_search.metrics import bootstrap_ci
 
     if not predictions_path or not storage.path(predictions_path).is_file():
         return {}
     z = read_predictions(predictions_path)
-    y, p = z["test_labels"], z["test_probs"]
-    return bootstrap_ci(y, p, n_resamples=n_resamples, stratified=True, seed=0, metrics=list(TABLE_METRICS))
+    return bootstrap_ci(z["test_labels"], z["test_probs"], n_resamples=n_resamples, stratified=True, seed=0,
+                        metrics=list(TABLE_METRICS))
+
+
+def search_selection(exp: Experiment) -> tuple[pd.DataFrame, str]:
+    """The search trials the report shows, best first, and their title: the best trial of each backbone when
+    several backbones were searched (the study's table), else the best `MAX_SEARCH_ROWS`. Empty before a search."""
+    ranked = exp.ranked("search", finished_only=False)
+    if "backbone" in ranked.columns and ranked["backbone"].nunique() > 1:
+        return ranked.drop_duplicates("backbone", keep="first").reset_index(drop=True), "Search: best trial per backbone"
+    shown = ranked.head(MAX_SEARCH_ROWS)
+    return shown, f"Search: best {len(shown)} of {len(ranked)} trials"
+
+
+def accuracy_intervals(exp: Experiment, n_resamples: int = 1000) -> pd.DataFrame:
+    """Test accuracy of the shown search trials (`search_selection`) with 95% stratified bootstrap intervals,
+    beside the study's figure for the same backbone or variant.
+
+    Returns:
+        Columns `trial_id`, `model` (study_table's label), `acc`, `acc_lo`, `acc_hi`, `study_acc`; trials
+        without predictions are left out.
+    """
+    shown, _ = search_selection(exp)
+    if shown.empty:
+        return pd.DataFrame(columns=["trial_id", "model", "acc", "acc_lo", "acc_hi", "study_acc"])
+    ours = study_table(shown)
+    rows = []
+    for (_, r), trial_id, preds in zip(ours.iterrows(), shown["trial_id"], shown["predictions_path"], strict=True):
+        cis = _test_cis(str(preds), n_resamples)
+        if "acc" in cis:
+            rows.append({"trial_id": str(trial_id), "model": r["model"], "acc": cis["acc"][0],
+                         "acc_lo": cis["acc"][1], "acc_hi": cis["acc"][2], "study_acc": r["study_test_acc"]})
+    return pd.DataFrame(rows, columns=["trial_id", "model", "acc", "acc_lo", "acc_hi", "study_acc"])
 
 
 def search_section(exp: Experiment, n_resamples: int = 1000) -> list[str]:
     """The search's best trials (best per backbone if several backbones were searched) beside the study."""
-    ranked = exp.ranked("search", finished_only=False)
-    if ranked.empty:
+    shown, title = search_selection(exp)
+    if shown.empty:
         return []
     metric, mode = exp.objective.metric, exp.objective.mode
-    if "backbone" in ranked.columns and ranked["backbone"].nunique() > 1:
-        # a backbone comparison: the best trial of each backbone, like the study's table
-        shown, title = ranked.drop_duplicates("backbone", keep="first"), "Search: best trial per backbone"
-    else:
-        shown = ranked.head(MAX_SEARCH_ROWS)
-        title = f"Search: best {len(shown)} of {len(ranked)} trials"
     ours = study_table(shown.reset_index(drop=True))
     rows = []
     for (_, r), trial_id, preds in zip(ours.iterrows(), shown["trial_id"], shown["predictions_path"], strict=True):
@@ -113,11 +137,7 @@ def retrain_section(exp: Experiment) -> list[str]:
     """The seed-to-seed spread of the retrained configurations (EXP/retrain/summary.csv)."""
     from cxr_search.retrain import MIN_SEEDS_FOR_INTERVAL
 
-    path = exp.stage_dir("retrain") / "summary.csv"
-    if not path.is_file() or path.stat().st_size == 0:
-        return []
-    with storage.open_binary(path) as f:
-        summary = pd.read_csv(f)
+    summary = seed_summary(exp)
     if summary.empty:
         return []
     study = study_summary("variant7_mean_of_50_runs")
@@ -145,10 +165,9 @@ def retrain_section(exp: Experiment) -> list[str]:
 
 def ensemble_section(exp: Experiment) -> list[str]:
     """The soft-voting ensemble (EXP/ensemble/ensemble.json) against its best single member and the study."""
-    path = exp.path / "ensemble" / "ensemble.json"
-    if not path.is_file():
+    ens = read_ensemble(exp.path)
+    if ens is None:
         return []
-    ens = json.loads(path.read_text())
     study_ens = study_summary("soft_voting_ensemble")
     study_best = study_summary("best_single_variant7")
     best = ens["best_single"]
@@ -172,7 +191,91 @@ def ensemble_section(exp: Experiment) -> list[str]:
             f"({ens['val_nll_before']:.4f} -> {ens['val_nll_after']:.4f}); test ECE {ens['ece_before']:.4f} -> "
             f"{ens['ece_after']:.4f}. Accuracy gain over the best single member (chosen on validation): "
             f"{fmt_ci(*gain)} (paired bootstrap). Test set: {ens['n_test']} images.", "",
+            *[line for w in ens.get("calibration_warnings", []) for line in (f"- **warning:** {w}", "")],
             markdown_table(pd.DataFrame(rows)), "", "Confusion matrix: `ensemble/confusion_matrix.png`.", ""]
+
+
+# ---------------------------------------------------------------- loaders of stage outputs (report, notebooks)
+
+
+def seed_summary(exp: Experiment) -> pd.DataFrame:
+    """The retrain stage's `summary.csv` (one row per configuration x test metric: n_seeds, mean, std,
+    percentiles, mean_ci_low/high); empty when the stage has not run."""
+    path = exp.stage_dir("retrain") / "summary.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    with storage.open_binary(path) as f:
+        return pd.read_csv(f, dtype={"config_key": str, "source_trial_id": str})
+
+
+def read_ensemble(exp_dir: str | Path) -> dict[str, Any] | None:
+    """`EXP/ensemble/ensemble.json` (written last by the ensemble stage), or None when the stage has not run."""
+    path = storage.path(exp_dir) / ENSEMBLE_DIR / "ensemble.json"
+    return storage.read_json(path) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class EnsemblePredictions:
+    """The saved ensemble replayed on its members' stored predictions (nothing is refitted)."""
+
+    description: dict[str, Any]  # ensemble.json
+    members: list[Any]  # ensemble.Member, in ensemble.json's order (best first)
+    weights: np.ndarray  # [M], the saved voting weights
+    temperature: float
+    val_labels: np.ndarray
+    test_labels: np.ndarray
+    val_probs: np.ndarray  # soft vote before temperature scaling
+    test_probs_uncalibrated: np.ndarray
+    test_probs: np.ndarray  # after temperature scaling: what the ensemble predicts
+
+
+def ensemble_predictions(exp_dir: str | Path) -> EnsemblePredictions | None:
+    """The ensemble's members and its validation/test probabilities before and after temperature scaling,
+    rebuilt from `ensemble.json` and each member's `predictions/<trial>.npz`; None when the stage has not run."""
+    from cxr_search import ensemble
+
+    exp = Experiment.open(exp_dir)
+    desc = read_ensemble(exp.path)
+    if desc is None:
+        return None
+    stage = exp.stage_dir(desc["source"])
+    members = [ensemble.load_member(predictions_path(stage, m["trial_id"]), trial_id=m["trial_id"],
+                                    checkpoint_dir=m["checkpoint_dir"]) for m in desc["members"]]
+    weights = np.array([m["weight"] for m in desc["members"]], dtype=np.float64)
+    raw_test = ensemble.soft_vote([m.test_probs for m in members], weights)
+    return EnsemblePredictions(
+        description=desc, members=members, weights=weights, temperature=float(desc["temperature"]),
+        val_labels=members[0].val_labels, test_labels=members[0].test_labels,
+        val_probs=ensemble.soft_vote([m.val_probs for m in members], weights),
+        test_probs_uncalibrated=raw_test, test_probs=ensemble.apply_temperature(raw_test, desc["temperature"]))
+
+
+def member_comparison(ens: EnsemblePredictions, n_resamples: int = 1000) -> pd.DataFrame:
+    """Each member against the ensemble on the same test images: accuracies and the ensemble's accuracy gain
+    with a paired stratified bootstrap interval (`ensemble.paired_acc_gain`).
+
+    Returns:
+        Columns `trial_id`, `weight`, `member_acc`, `ensemble_acc`, `gain`, `gain_lo`, `gain_hi`.
+    """
+    from cxr_search.ensemble import paired_acc_gain
+
+    y = ens.test_labels
+    ensemble_acc = float((ens.test_probs.argmax(1) == y).mean())
+    rows = []
+    for member, weight in zip(ens.members, ens.weights, strict=True):
+        gain, lo, hi = paired_acc_gain(y, ens.test_probs, member.test_probs, n_resamples=n_resamples)
+        rows.append({"trial_id": member.trial_id, "weight": float(weight),
+                     "member_acc": float((member.test_probs.argmax(1) == y).mean()), "ensemble_acc": ensemble_acc,
+                     "gain": gain, "gain_lo": lo, "gain_hi": hi})
+    return pd.DataFrame(rows)
+
+
+def explain_sheets(exp_dir: str | Path) -> list[storage.Location]:
+    """Contact sheets of explanations saved in the experiment (`EXP/explain/contact_sheet*.png`, written by
+    `cxr-search explain EXP IMAGES --out EXP/explain`), sorted; empty if none."""
+    from cxr_search.explain import EXPLAIN_DIR
+
+    return sorted((storage.path(exp_dir) / EXPLAIN_DIR).glob("contact_sheet*.png"))
 
 
 def data_section(exp: Experiment) -> list[str]:

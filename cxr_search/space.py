@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,11 @@ LABEL_KEYS = ("variant", "trial_key")
 
 TOP_KEYS = (
     "name", "description", "metric", "mode", "searcher", "scheduler", "num_samples", "max_concurrent_trials",
-    "resources", "checkpoint_every", "checkpoint_every_s", "max_failures", "data", "trial", "params", "variants", "cpu_budget",
+    "resources", "checkpoint_every", "checkpoint_every_s", "max_failures", "max_trials", "data", "trial", "params", "variants", "cpu_budget",
 )
 DATA_KEYS = ("size", "equalize", "val_fraction", "n_images", "seed", "resplit", "duplicate_policy")
-CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_epochs", "grace_period", "max_concurrent_trials",
+CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_trials", "max_epochs", "grace_period",
+                   "max_concurrent_trials",
                    "top_k", "seeds", "retrain_max_epochs", "params", "trial")
 
 _TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
@@ -112,25 +114,30 @@ class SearchSpec:
     raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML as loaded, written back as run
     checkpoint_every_s: float | None = None  # also seconds between resume states; None: automatic (<= ~10% cost)
     workers_per_trial: int = 1  # > 1: each trial is a data-parallel Ray Train run (cpu/gpu are per worker)
+    max_trials: int | None = None  # a grid/random search runs only the first N trials of its plan (budgets)
 
     def replace(self, **changes: Any) -> SearchSpec:
         return dataclasses.replace(self, **changes)
 
     def backbone_pairs(self) -> set[tuple[str, str]]:
         """Every (backbone, pretrained) a trial of this space can have (to check staged weights before a run)."""
-        def values(name: str) -> list[Any]:
+        return self.combinations("backbone", "pretrained")
+
+    def combinations(self, *names: str) -> set[tuple[Any, ...]]:
+        """Every combination of the given TrialConfig fields a trial of this space can have (per variant; a
+        searched range contributes its bounds)."""
+        def values(point: dict[str, Any], name: str) -> list[Any]:
+            if name in point:
+                return [point[name]]
             searched = [p for p in self.params if p.name == name]
             if searched:
                 return list(searched[0].values)
             return [self.trial.get(name, getattr(TrialConfig, name))]
 
-        points = [dict(settings) for _, settings in self.variants] or [{}]
-        pairs = set()
-        for point in points:
-            for backbone in ([point["backbone"]] if "backbone" in point else values("backbone")):
-                for pretrained in ([point["pretrained"]] if "pretrained" in point else values("pretrained")):
-                    pairs.add((backbone, pretrained))
-        return pairs
+        out: set[tuple[Any, ...]] = set()
+        for point in [dict(settings) for _, settings in self.variants] or [{}]:
+            out.update(itertools.product(*(values(point, name) for name in names)))
+        return out
 
     def planned_trials(self) -> list[dict[str, Any]]:
         """Every trial of a grid or random search, as concrete configs (fixed settings, labels, sampled values).
@@ -161,7 +168,7 @@ class SearchSpec:
                 if distinct_seeds:
                     trial["seed"] = int(rng.integers(0, 2**31 - 1))
                 out.append(trial)
-        return out
+        return out[: self.max_trials] if self.max_trials else out
 
 
 def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +327,10 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         max_conc = _get(raw, "max_concurrent_trials", int, src, None)
     checkpoint_every = _get(raw, "checkpoint_every", int, src, 1)
     checkpoint_every_s = _get(raw, "checkpoint_every_s", float, src, None)
+    max_trials = _get(raw, "max_trials", int, src, None)
+    if max_trials is not None and (max_trials < 1 or searcher == "optuna"):
+        raise CxrError(f"{src}: max_trials caps a grid or random search's plan and must be >= 1 "
+                       f"(an Optuna search has num_samples), got {max_trials} with searcher {searcher}.")
     if checkpoint_every_s is not None and checkpoint_every_s < 0:
         raise CxrError(f"{src}: checkpoint_every_s must be >= 0 seconds (leave it out for automatic), "
                        f"got {checkpoint_every_s}.")
@@ -344,6 +355,7 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         workers_per_trial=workers,
         checkpoint_every=checkpoint_every,
         checkpoint_every_s=checkpoint_every_s,
+        max_trials=max_trials,
         max_failures=max_failures,
         data=dict(data),
         trial=dict(trial),

@@ -15,7 +15,7 @@ Two kinds of writes cover every file the project owns:
   fsynced append; a kill mid-append leaves at most one cut line at the end, which `read_records` skips and the
   next append first cuts off (`repair_tail`). Object stores have no append: the log is rewritten whole as one new
   object (logs are small, and each has one writer: a trial's own history, the driver's event log). The Optuna
-  journal, which grows with every report, is kept as numbered parts instead (`search/journal.py`).
+  journal, which grows with every report, is kept as numbered parts instead (`journal.py`).
 
 Names ending in `.json` or `.pkl` are avoided for files that change while Ray Tune runs in a folder: Tune copies
 every such file of the experiment to its staging folder when it restores a run and copies them back every few

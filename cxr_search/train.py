@@ -42,18 +42,26 @@ class TrainRun:
 
 
 def check(cfg: TrialConfig) -> None:
-    """Refuse, in one line and before any data work, what cannot run: pretrained weights that are not staged."""
+    """Refuse, in one line and before any data work, what cannot run: a device that is not there, pretrained
+    weights that are not staged or cannot be read (a local file is loaded into the model once, here)."""
     from cxr_search import weights
 
+    engine.resolve_device(cfg.device)
     weights.require_available([(cfg.backbone, cfg.pretrained)])
+    if cfg.pretrained not in ("none", weights.IMAGENET):
+        engine.model_from_config(cfg)
 
 
-def notes(cfg: TrialConfig) -> list[str]:
-    """What the user should know before training this configuration."""
+def notes(cfg: TrialConfig, size: int) -> list[str]:
+    """What the user should know before training this configuration at this image size."""
+    from cxr_search.experiment import frozen_random_note, input_size_note
+
     out = []
+    note = input_size_note({cfg.backbone}, size, "--size")
+    if note:
+        out.append(note)
     if cfg.freeze_fraction > 0 and cfg.pretrained == "none":
-        out.append(f"--freeze-fraction {cfg.freeze_fraction:g} without pretrained weights freezes random layers "
-                   "that will never learn (the study froze ImageNet weights); add --pretrained imagenet.")
+        out.append(frozen_random_note(cfg.freeze_fraction, "--freeze-fraction", "add --pretrained imagenet"))
     return out
 
 

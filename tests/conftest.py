@@ -42,3 +42,34 @@ def phantoms_with_injections(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms") / "injected"
     phantoms.generate(out, n_images=120, size=64, seed=1, inject=phantoms.INJECTIONS, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_experiments(tmp_path_factory, _private_cache_and_experiments) -> dict[str, Path]:
+    """Two real smoke experiments made with the CLI, shared by the report, notebook and live-view tests.
+
+    `search_only`: `cxr-search run inception --smoke --stages search` (4 InceptionV3 trials, ASHA, Optuna).
+    `full`: a copy of it carried through the other stages with `cxr-search retrain` and `cxr-search ensemble`
+    (what `run` does after the search), so the search runs once: about 2 minutes in all on a laptop CPU.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    from cxr_search import experiment
+
+    root = tmp_path_factory.mktemp("smoke")
+
+    def cli(*args: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "cxr_search.cli", *args], capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, f"cxr-search {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    cli("run", "inception", "--smoke", "--stages", "search", "--name", "search_only", "--storage", str(root))
+    search_only, full = root / "search_only", root / "full"
+    shutil.copytree(search_only, full, ignore=shutil.ignore_patterns(".lock"))
+    # the copy's table must name its own trial folders and predictions (results.parquet holds absolute paths)
+    experiment.write_results(full, experiment.build_results(full, experiment.Experiment.open(full).objective))
+    cli("retrain", str(full), "--top", "1", "--seeds", "2", "--max-epochs", "1")
+    cli("ensemble", str(full), "--top", "3")
+    return {"search_only": search_only, "full": full}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_search_tune import TINY
+from test_search_tune import TINY, assert_journal_matches_results
 
 from cxr_search import engine, experiment, storage
 from cxr_search.experiment import Experiment
@@ -52,9 +52,9 @@ def setup(tmp_path_factory):
     return root, space, env
 
 
-def _launch(env: dict, *args: str) -> subprocess.Popen:
+def _launch(env: dict, *args: str, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cxr_search.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +168,15 @@ def test_killing_the_driver_anywhere_loses_and_repeats_nothing(setup, reference)
     exp = storage_root / "killed"
     kills: list[Kill] = []
     ended_at_kill: list[dict[str, dict[str, list[dict]]]] = []  # per kill: stage dir -> ended trial histories
+    elsewhere = root / "elsewhere"  # resumes run from another working directory: the plan's paths are absolute
+    elsewhere.mkdir(exist_ok=True)
     for point in POINTS:
         if (exp / experiment.PLAN_FILE).is_file():
-            args = ("resume", str(exp))
+            args, cwd = ("resume", str(exp)), elsewhere
         else:  # killed before the plan existed: the run never started, so it is started again
-            args = ("run", str(space), "--name", "killed", "--storage", str(storage_root), *RUN_ARGS)
+            args, cwd = ("run", str(space), "--name", "killed", "--storage", str(storage_root), *RUN_ARGS), None
         started = time.monotonic()
-        proc = _launch(env, *args)
+        proc = _launch(env, *args, cwd=cwd)
         reached = _wait(proc, exp, point, started)
         if not reached:  # finished before the point: nothing left to kill
             out = proc.communicate()[0]
@@ -185,7 +187,7 @@ def test_killing_the_driver_anywhere_loses_and_repeats_nothing(setup, reference)
         ended = {str(d): _ended(d) for d in _stage_dirs(exp)}
         ended_at_kill.append(ended)
         kills.append(Kill(point.label, _stage_now(exp), sum(len(v) for v in ended.values())))
-    proc = _launch(env, "resume", str(exp))
+    proc = _launch(env, "resume", str(exp), cwd=elsewhere)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
 
@@ -205,8 +207,10 @@ def test_killing_the_driver_anywhere_loses_and_repeats_nothing(setup, reference)
     assert len(kills) >= 12, f"only {len(kills)} kill points were reached"
     assert table["lost"].sum() == 0 and table["rerun_after"].sum() == 0
 
-    # The killed-and-resumed experiment is the uninterrupted one.
-    _assert_same_experiment(Experiment.open(reference), Experiment.open(exp))
+    # The killed-and-resumed experiment is the uninterrupted one, and its Optuna journal says what its table says.
+    killed = Experiment.open(exp)
+    _assert_same_experiment(Experiment.open(reference), killed)
+    assert_journal_matches_results(killed, killed.results())
 
 
 def _assert_same_experiment(ref: Experiment, got: Experiment) -> None:

@@ -202,3 +202,24 @@ def test_ensemble_intervals_contain_the_point_and_shrink_with_more_test_images(t
             assert lo <= point <= hi, name
         widths.append(out["metrics"]["acc"][2] - out["metrics"]["acc"][1])
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 16x the images, about a quarter of the width
+
+
+def test_a_temperature_at_its_bound_or_worse_test_calibration_is_flagged(tmp_path):
+    from cxr_search import report
+    from cxr_search.ensemble import calibration_warnings
+
+    assert calibration_warnings(10.0, 0.1, 0.05, True)[0].startswith("the temperature hit the end")
+    assert "made the test calibration worse (ECE 0.2028 -> 0.3449)" in calibration_warnings(1.3, 0.2028, 0.3449,
+                                                                                             True)[0]
+    assert calibration_warnings(1.3, 0.2, 0.1, True) == [] and calibration_warnings(1.0, 0.1, 0.2, False) == []
+    # validation predictions that are certain and right (test ones are not) sharpen the probabilities, and the
+    # test calibration gets worse: the summary says so next to the ensemble's figures
+    exp = make_experiment(tmp_path, n_trials=2)
+    for name in ("0000", "0001"):
+        with np.load(exp / "predictions" / f"{name}.npz") as z:
+            arrays = dict(z)
+        arrays["val_probs"] = np.eye(3)[arrays["val_labels"]] * 0.999 + 0.0005
+        np.savez(exp / "predictions" / f"{name}.npz", **arrays)
+    saved = build_ensemble(exp, top_k=2, source="search", n_resamples=20)
+    assert saved["ece_after"] > saved["ece_before"] and len(saved["calibration_warnings"]) == 1
+    assert "**warning:** temperature scaling made the test calibration worse" in report.build_summary(exp, n_resamples=20)

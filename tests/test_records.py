@@ -220,3 +220,18 @@ def test_results_and_predictions_are_rebuilt_by_finalize_without_duplicates(tmp_
     assert sorted(stamps) == ["0000.json", "0000.npz", "0001.json", "0001.npz"]
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     assert os.path.getsize(tmp_path / experiment.RESULTS_FILE) > 0
+
+
+def test_a_plan_knows_roughly_how_long_it_takes_on_cpus(tmp_path):
+    space = tmp_path / "big.yaml"
+    space.write_text("metric: val_loss\nsearcher: {type: optuna, seed: 0}\nnum_samples: 32\n"
+                     "max_concurrent_trials: 4\nresources: {cpu: 2, gpu: 0}\ndata: {size: 128}\n"
+                     "trial: {backbone: inception_v3, max_epochs: 30, pretrained: none}\n"
+                     "params: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\n")
+    full = experiment.plan_run(space, full=True, seeds=50)
+    smoke = experiment.plan_run("inception", smoke=True)
+    cpu = experiment.plan_run("inception")
+    hours = experiment.estimate_seconds(full, cpus=2) / 3600
+    assert hours > 24  # the study's budget on two cores: days, and the run says so before it starts
+    assert experiment.estimate_seconds(smoke, 2) < experiment.estimate_seconds(cpu, 2) < 3600
+    assert experiment.estimate_seconds(full, 16) < experiment.estimate_seconds(full, 2) / 3  # 4 slots, not 1

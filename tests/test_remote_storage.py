@@ -22,8 +22,8 @@ from moto.server import ThreadedMotoServer
 
 from cxr_search import report, storage
 from cxr_search.experiment import EVENTS_FILE, Experiment, trial_dirs, trial_end, trial_events
+from cxr_search.journal import ObjectStoreJournal, part_name
 from cxr_search.search import tune as stage
-from cxr_search.search.journal import ObjectStoreJournal, part_name
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "cxr-test"
@@ -191,8 +191,13 @@ def test_a_search_on_s3_stopped_then_status_resume_report_and_predict_read_it_ba
     assert "tiny-s3" in summary and "Retraining over seeds" in summary and "Soft-voting ensemble" in summary
     assert len(exp.results("retrain")) == 2  # the retrain stage's table, read from the bucket
     assert (exp.path / "summary.md").is_file()
+    html_report = _cli(env, "report", exp_uri)  # the HTML report, read from and written to the bucket
+    html_out, _ = html_report.communicate(timeout=300)
+    assert html_report.returncode == 0, html_out[-3000:]
+    page = (exp.path / "report.html").read_text()
+    assert "Members against the ensemble" in page and "The ensemble stage has not run" not in page
     keys = _keys(s3, "experiments/tiny-s3/")
-    for name in ("pipeline.json", "results.parquet", "trials.jsonl", "ensemble/ensemble.json", "retrain/summary.csv",
+    for name in ("pipeline.json", "report.html", "results.parquet", "trials.jsonl", "ensemble/ensemble.json", "retrain/summary.csv",
                  "retrain/distribution.png", "retrain/results.parquet",
                  f"trial_{trials[0].trial_id}/resume.pt", f"trial_{trials[0].trial_id}/config.json"):
         assert f"experiments/tiny-s3/{name}" in keys

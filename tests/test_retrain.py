@@ -143,11 +143,12 @@ def test_retrain_trains_each_seed_once_and_reproduces_a_seed(tiny_search):
 
     exp, data = tiny_search
     retrain_dir = exp.stage_dir("retrain")
-    first = run_retrain(exp, data, top_k=1, seeds=2, verbose=0)
+    first = run_retrain(exp, data, top_k=1, seeds=2, max_epochs=1)  # as a smoke run retrains: 1 epoch
     assert sorted(first["seed"]) == [0, 1]
-    # More seeds later: only the missing one trains.
+    # More seeds later, under the configuration's own budget: only the missing one trains (the budget is not
+    # part of the configuration's identity, so the 1-epoch seeds count as done).
     started = {t.trial_id: (t.path / "history.jsonl").stat().st_mtime_ns for t in experiment.trial_dirs(retrain_dir)}
-    second = run_retrain(exp, data, top_k=1, seeds=3, verbose=0)
+    second = run_retrain(exp, data, top_k=1, seeds=3)
     after = {t.trial_id: (t.path / "history.jsonl").stat().st_mtime_ns for t in experiment.trial_dirs(retrain_dir)}
     assert len(after) == 3 and all(after[k] == v for k, v in started.items())  # seeds 0 and 1 untouched
     assert sorted(second["seed"]) == [0, 1, 2] and second["config_key"].nunique() == 1
@@ -164,7 +165,7 @@ def test_retrain_trains_each_seed_once_and_reproduces_a_seed(tiny_search):
     shutil.rmtree(lost["trial_dir"])
     for suffix in (".npz", ".json"):
         (retrain_dir / "predictions" / f"{lost['trial_id']}{suffix}").unlink()
-    third = run_retrain(exp, data, top_k=1, seeds=3, verbose=0)
+    third = run_retrain(exp, data, top_k=1, seeds=3, max_epochs=1)  # as seed 1 was first trained
     redo = third.loc[third["seed"] == 1].iloc[0]
     with np.load(redo["predictions_path"]) as z:
         np.testing.assert_allclose(z["test_probs"], probs[1], atol=1e-6)

@@ -189,6 +189,23 @@ def test_a_trial_that_always_fails_ends_as_error_and_the_later_stages_go_on(ray_
     assert [m["trial_id"] for m in ens["members"]] == ["0001"]
 
 
+def test_a_grid_space_runs_no_more_trials_at_once_than_it_says(ray_session, tmp_path_factory):
+    text = GRID.replace("max_concurrent_trials: 2", "max_concurrent_trials: 1").replace(
+        "optimizer: {grid: [sgd, adam]}", "optimizer: {grid: [sgd, adam, rmsprop]}").replace(
+        "max_epochs: 3, patience: 3", "max_epochs: 1, patience: 3")
+    exp = Experiment.open(run_pipeline(_space(tmp_path_factory, text, "serial"), name="serial", stages=("search",),
+                                       storage=str(tmp_path_factory.mktemp("exps")), console=QUIET))
+    events = experiment.storage.read_records(exp.path / experiment.EVENTS_FILE)
+    running, most = set(), 0
+    for e in events:  # the driver logs starts and ends in the order they happen
+        if e["event"] == "start":
+            running.add(e["trial_id"])
+        elif e["event"] in ("complete", "error"):
+            running.discard(e["trial_id"])
+        most = max(most, len(running))
+    assert most == 1 and len({e["trial_id"] for e in events}) == 3  # 2 CPUs free, the file says 1 at a time
+
+
 # ---------------------------------------------------------------- the driver dies, or is asked to stop
 
 
@@ -237,7 +254,8 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(ray_session, 
     assert_journal_matches_results(exp, df)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# SIGINT (Ctrl-C) here; SIGTERM during the search is the remote-storage test's stop, and during the retrain below.
+@pytest.mark.parametrize("sig", [signal.SIGINT])
 def test_a_signal_during_the_search_stops_cleanly_and_resume_finishes_it(ray_session, tiny_space, cache, tmp_path,
                                                                         sig):
     storage = tmp_path / "exps"
@@ -250,6 +268,8 @@ def test_a_signal_during_the_search_stops_cleanly_and_resume_finishes_it(ray_ses
     out, _ = driver.communicate(timeout=180)
     assert driver.returncode == 128 + sig, out[-3000:]
     assert f"cxr-search resume {exp_path}" in out
+    # a log gets one line per trial event, not Tune's status tables
+    assert "trial 0000: started" in out and "== Status ==" not in out and "Configuration for experiment" not in out
     exp = Experiment.open(exp_path)
     assert not exp.is_complete("search")
     assert len(stage.ended_keys(exp_path)) < 6

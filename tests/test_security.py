@@ -99,10 +99,20 @@ def test_every_port_of_the_local_ray_is_on_loopback(local_ray):
     assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
 
 
-def _join(env: dict, address: str, **auth: str) -> subprocess.CompletedProcess:
+def _join(env: dict, address: str, **auth: str) -> subprocess.Popen:
+    """A driver joining the Ray at `address` with these auth settings, started (the three run side by side)."""
     env = {**{k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}, **auth}
-    return subprocess.run([sys.executable, "-c", CLIENT, address], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.Popen([sys.executable, "-c", CLIENT, address], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _joined(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -112,9 +122,10 @@ def test_the_local_ray_refuses_a_client_without_its_token(local_ray, tmp_path):
     assert _loopback(address.rsplit(":", 1)[0].strip("[]"))
     wrong = tmp_path / "wrong_token"
     wrong.write_text("0" * 64)
-    no_token = _join(env, address, RAY_AUTH_MODE="disabled")
-    wrong_token = _join(env, address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(wrong))
-    with_token = _join(env, address, RAY_AUTH_MODE="token")  # the token the local Ray made: ~/.ray/auth_token
+    started = [_join(env, address, RAY_AUTH_MODE="disabled"),
+               _join(env, address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(wrong)),
+               _join(env, address, RAY_AUTH_MODE="token")]  # the token the local Ray made: ~/.ray/auth_token
+    no_token, wrong_token, with_token = (_joined(p) for p in started)
     for refused in (no_token, wrong_token):
         assert refused.returncode != 0 and "JOINED" not in refused.stdout
         assert "auth" in (refused.stderr + refused.stdout).lower(), refused.stderr[-2000:]

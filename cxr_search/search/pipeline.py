@@ -1,7 +1,8 @@
 """`cxr-search run` / `resume`: data -> search -> retrain -> ensemble -> summary, each stage resumable.
 
-The whole plan is built and validated first (`experiment.plan_run`, and Ray is reached when a cluster is
-named); only then is the experiment folder created, with `pipeline.json`. Each stage is marked complete in the
+The whole plan is built and validated first (`experiment.plan_run`), then Ray is started or reached and the
+trials' resources are checked against its nodes (`tune.check_trial_resources`); only then is the experiment
+folder created, with `pipeline.json`. Each stage is marked complete in the
 plan only after its outputs exist, so `resume EXP` after a kill, Ctrl-C or SIGTERM continues the first
 unfinished stage.
 """
@@ -37,6 +38,8 @@ def run_pipeline(space: str | Path, *, console: Console | None = None, **options
     console = console or Console()
     options.setdefault("gpu_available", torch.cuda.is_available() or options.get("address") is not None)
     plan = experiment.plan_run(space, **options)
+    for note in plan.notes:  # before Ray starts: what the plan changed or cannot learn
+        console.print(f"[yellow]note:[/] {note}")
     from cxr_search.search import tune as stage
 
     root = storage.path(plan.storage) if plan.storage else paths.experiments_root()
@@ -44,20 +47,27 @@ def run_pipeline(space: str | Path, *, console: Console | None = None, **options
         raise CxrError(f"experiment '{(root / plan.name).resolve()}' already exists; continue it with "
                        f"`cxr-search resume {(root / plan.name).resolve()}` or pick another --name.")
     stage.init_ray(address=plan.address, num_cpus=plan.num_cpus)  # a wrong --address fails before any file
+    notes = stage.check_trial_resources(plan.space, address=plan.address)  # trials that could never start
     exp = Experiment.create(plan, root)
     exp.write_space_as_run()
-    for note in plan.notes:
+    for note in notes:
         console.print(f"[yellow]note:[/] {note}")
+    _print_estimate(plan, console)
     with interrupt.naming(exp.path), experiment.exclusive(exp):
         return _continue(exp, console)
 
 
 def resume_pipeline(exp_dir: str | Path, *, console: Console | None = None, address: str | None = None) -> Path:
     """Continue a run that was killed or stopped: the first unfinished stage goes on where it was."""
+    from cxr_search.search import tune as stage
+
     console = console or Console()
     exp = Experiment.open(exp_dir)
     experiment.weights.require_available(exp.plan.space.backbone_pairs())  # e.g. resumed on another machine
     with interrupt.naming(exp.path), experiment.exclusive(exp):
+        stage.init_ray(address=address or exp.plan.address, num_cpus=exp.plan.num_cpus)
+        for note in stage.check_trial_resources(exp.plan.space, address=address or exp.plan.address):
+            console.print(f"[yellow]note:[/] {note}")
         if address is not None and address != exp.plan.address:
             exp.update(address=address)
         console.print(f"resuming {exp.path} (done: {', '.join(exp.plan.completed) or 'nothing yet'})")
@@ -78,7 +88,6 @@ def _continue(exp: Experiment, console: Console) -> Path:
     exp.write_environment(experiment.environment(
         {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
         seeds={"searcher": plan.space.seed, "trial": int(plan.space.trial.get("seed", 0)), "split": plan.data.seed}))
-    _check_slots(plan, console)
 
     if "search" in plan.stages and not exp.is_complete("search"):
         run_search(exp, data, console)
@@ -90,7 +99,7 @@ def _continue(exp: Experiment, console: Console) -> Path:
 
         console.rule(f"retrain: top {plan.top_k} x {plan.seeds} seeds")
         run_retrain(exp, data, top_k=plan.top_k, seeds=plan.seeds, max_epochs=plan.retrain_max_epochs,
-                    reporter=_reporter(plan, retrain=True))
+                    console=console)
         exp.mark_complete("retrain")
 
     if "ensemble" in plan.stages and not exp.is_complete("ensemble"):
@@ -100,52 +109,62 @@ def _continue(exp: Experiment, console: Console) -> Path:
         build_ensemble(exp.path, top_k=plan.ensemble_members, source="search")
         exp.mark_complete("ensemble")
 
-    path = report.write_summary(exp.path)
+    report.write_summary(exp.path)
     report.print_summary(exp.path, console)
-    console.print(f"summary: {path}")
-    console.print(f"[bold]done in {time.perf_counter() - t0:.0f} s.[/] Experiment: {exp.path}\n"
-                  f"  results.parquet, predictions/, optuna.journal (optuna-dashboard {exp.journal}), "
-                  f"trial folders trial_*/" + (", retrain/" if exp.is_complete("retrain") else "")
-                  + (", ensemble/" if exp.is_complete("ensemble") else ""))
+    console.print(f"[bold]done in {time.perf_counter() - t0:.0f} s.[/] Where to look next:")
+    for line in next_steps(exp):
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
     return exp.path
 
 
-def run_search(exp: Experiment, data: Any, console: Console, *, verbose: int = 1) -> int:
+def next_steps(exp: Experiment) -> list[str]:
+    """The commands that show what this experiment holds, its path filled in (only for what exists)."""
+    p = exp.path
+    steps = [f"summary:    {p / experiment.SUMMARY_FILE}",
+             f"report:     cxr-search report {p}   (one HTML file, opens offline)",
+             f"notebooks:  make notebooks EXP={p}",
+             f"trials:     cxr-search status {p}"]
+    if exp.is_complete("ensemble"):
+        steps += [f"predict:    cxr-search predict {p} IMAGES_OR_FOLDERS... --out predictions.csv",
+                  f"explain:    cxr-search explain {p} IMAGES... --method gradcam   |   cxr-search explain {p} --evaluate"]
+    if exp.journal.is_file():
+        steps.append(f"Optuna:     optuna-dashboard {exp.journal}")
+    steps.append(f"curves:     tensorboard --logdir {p}")
+    return steps
+
+
+def run_search(exp: Experiment, data: Any, console: Console) -> int:
     """Run (or continue) the search stage's Tune run; returns how many trials this launch ran."""
     from cxr_search.search import tune as stage
+    from cxr_search.search.console import TrialConsole, asha_milestones
 
     spec = exp.plan.space
     console.rule(f"search: {spec.name} ({spec.searcher}, {spec.scheduler.kind}, {spec.num_samples} samples)")
-    options = stage.stage_options(spec, scheduler=stage.make_scheduler(spec), verbose=verbose,
-                                  reporter=_reporter(exp.plan))
+    s = spec.scheduler
+    shown = tuple(p.name for p in spec.params) + (("variant",) if spec.variants else ())
+    runs = {} if spec.searcher == "optuna" else \
+        {stage.trial_key(i): trial for i, trial in enumerate(spec.planned_trials())}
+    live = TrialConsole(console, objective=exp.objective, total=spec.num_samples if not runs else len(runs),
+                        shown=shown[:5], title="search",
+                        milestones=asha_milestones(s.max_t, s.grace_period, s.reduction_factor) if s.kind == "asha"
+                        else ())
+    options = stage.stage_options(spec, scheduler=stage.make_scheduler(spec), callbacks=(live,))
     if spec.searcher == "optuna":
         return stage.run_optuna_stage(exp.path, spec, data, options, study_name=exp.plan.name)
-    runs = {stage.trial_key(i): trial for i, trial in enumerate(spec.planned_trials())}
     return stage.run_planned_stage(exp.path, runs, data, options)
 
 
-def _check_slots(plan: Plan, console: Console) -> None:
+def _print_estimate(plan: Plan, console: Console) -> None:
+    """Without a GPU, how long the plan may take here; a loud warning when that is hours."""
     import ray
 
-    spec = plan.space
-    slots = int(ray.cluster_resources().get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
-    if spec.scheduler.kind == "asha" and min(slots, spec.max_concurrent_trials or slots) < 2:
-        console.print(f"[yellow]note:[/] one trial slot ({spec.cpus_per_trial:g} CPUs per trial): ASHA can only "
-                      f"compare a trial with finished ones; lower resources.cpu to run trials side by side")
-
-
-def _reporter(plan: Plan, retrain: bool = False) -> Any:
-    from ray.tune import CLIReporter
-
-    from cxr_search.search import tune as stage
-
-    spec = plan.space
-    if retrain:
-        return CLIReporter(metric_columns={"epoch": "epoch", "val_loss": "val_loss", "val_acc": "val_acc"},
-                           parameter_columns={stage.KEY: "config-seed"}, max_report_frequency=30)
-    searched = [p.name for p in spec.params] + (["variant"] if spec.variants else [])
-    return CLIReporter(
-        metric_columns={"epoch": "epoch", "val_loss": "val_loss", "val_acc": "val_acc",
-                        "val_macro_f1": "val_f1", "img_per_s": "img/s"},
-        parameter_columns=searched[:6], max_report_frequency=15, sort_by_metric=True,
-    )  # metric/mode come from TuneConfig
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) > 0:
+        return
+    seconds = experiment.estimate_seconds(plan, resources.get("CPU", 1))
+    text = f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
+    console.print(f"[yellow]note:[/] estimated time on this machine ({resources.get('CPU', 1):g} CPUs, no GPU): "
+                  f"at most ~{text} (every trial running its full epoch budget)")
+    if seconds > 2 * 3600:
+        console.print(f"[bold red]warning:[/] this plan needs about {text} here; for minutes use the CPU budget "
+                      "(leave out --full / --num-samples / --max-epochs) or --smoke, or run it on a GPU.")

@@ -20,7 +20,7 @@ from cxr_search.search import tune as stage
 
 def run_retrain(exp: Experiment, data: PreparedData, *, top_k: int, seeds: int | list[int],
                 max_epochs: int | None = None, resources: stage.TrialResources | None = None,
-                verbose: int = 1, reporter: Any = None) -> pd.DataFrame:
+                console: Any = None) -> pd.DataFrame:
     """Retrain the search's `top_k` configurations over `seeds` and summarise their spread.
 
     Args:
@@ -30,8 +30,7 @@ def run_retrain(exp: Experiment, data: PreparedData, *, top_k: int, seeds: int |
         seeds: a count (`50` = seeds 0..49) or explicit seeds.
         max_epochs: epoch budget of the runs still to train (early stopping still applies).
         resources: per-trial resources (None: the space's).
-        verbose: Tune verbosity.
-        reporter: a Tune progress reporter.
+        console: a rich Console for the trials' progress (None: quiet).
 
     Returns:
         One row per finished configuration x seed (`EXP/retrain/results.parquet`), with rank and source trial.
@@ -43,7 +42,13 @@ def run_retrain(exp: Experiment, data: PreparedData, *, top_k: int, seeds: int |
     runs = retrain.plan_runs(chosen, retrain.seed_list(seeds), retrain.finished_pairs(exp), max_epochs=max_epochs)
     planned = {retrain.run_key(r): _started_config(retrain_dir, retrain.run_key(r), r) for r in runs}
     spec = exp.plan.space
-    options = stage.stage_options(spec, resources=resources, verbose=verbose, reporter=reporter)
+    callbacks = ()
+    if console is not None:
+        from cxr_search.search.console import TrialConsole
+
+        callbacks = (TrialConsole(console, objective=exp.objective, total=max(1, len(planned)), title="retrain",
+                                  shown=("seed",)),)
+    options = stage.stage_options(spec, resources=resources, callbacks=callbacks)
     stage.run_planned_stage(retrain_dir, planned, data, options)
     experiment.finalize(retrain_dir, data, exp.objective)
     results = retrain.annotate(retrain.finished_runs(exp), all_configs)
@@ -62,7 +67,7 @@ def _started_config(retrain_dir: Any, key: str, planned: dict[str, Any]) -> dict
 
 
 def retrain_experiment(exp_dir: str, *, top_k: int, seeds: int | list[int], max_epochs: int | None = None,
-                       address: str | None = None) -> pd.DataFrame:
+                       address: str | None = None, console: Any = None) -> pd.DataFrame:
     """`cxr-search retrain EXP`: rebuild the experiment's data from its plan, then `run_retrain`.
 
     Args:
@@ -76,6 +81,8 @@ def retrain_experiment(exp_dir: str, *, top_k: int, seeds: int | list[int], max_
                        f"(`cxr-search resume {exp.path}`).")
     retrain.seed_list(seeds)  # validate before any work
     with interrupt.naming(exp.path), experiment.exclusive(exp):
-        data = exp.plan.data.prepare()  # same folder, size and split seed as the search: same splits
         stage.init_ray(address=address or exp.plan.address, num_cpus=exp.plan.num_cpus)
-        return run_retrain(exp, data, top_k=top_k, seeds=seeds, max_epochs=max_epochs)
+        for note in stage.check_trial_resources(exp.plan.space, address=address or exp.plan.address):
+            (console.print if console is not None else print)(f"note: {note}")
+        data = exp.plan.data.prepare()  # same folder, size and split seed as the search: same splits
+        return run_retrain(exp, data, top_k=top_k, seeds=seeds, max_epochs=max_epochs, console=console)

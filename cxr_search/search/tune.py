@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -53,6 +55,8 @@ TRIAL_GPU_SHARE_MAX = 4  # never pack more than 4 trials on a GPU: throughput ga
 KEY = "trial_key"  # the config label naming a trial's folder (see the module docstring)
 TPE_STARTUP = 10  # TPE's random startup trials (Optuna's default), drawn per trial number here
 DRIVER_CPUS = 0.1  # a data-parallel trial's own process waits on its Ray Train run: a slice of a CPU
+ADDRESS_TIMEOUT_S = 10.0  # a cluster's GCS port must accept a TCP connection within this, seconds
+PENDING_NOTE_S = 180.0  # a trial waiting this long for resources gets a printed reason (PendingWatch), seconds
 
 
 # ---------------------------------------------------------------- resources
@@ -99,6 +103,77 @@ class TrialResources:
 
 def trial_resources(spec: SearchSpec) -> TrialResources:
     return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib(), spec.workers_per_trial)
+
+
+def check_trial_resources(spec: SearchSpec, *, address: str | None) -> list[str]:
+    """Refuse, before any trial or file, a plan whose trials this Ray can never run; returns notes to print.
+
+    A trial is one placement-group bundle, so it must fit on one node: a request larger than every node (more
+    CPUs than the machine has, a GPU where there is none) would leave every trial PENDING forever. On a cluster
+    that may autoscale (`ray up` with workers to add) such a request is allowed and only noted: a new node may
+    fit it, and `PendingWatch` says why trials wait.
+
+    Args:
+        spec: the effective space (per-trial `resources`; `gpu: auto` resolves per backbone).
+        address: the cluster address (None: the local Ray this process started, which never grows).
+
+    Raises:
+        CxrError: one line naming the resource, what the largest node has and the fix.
+    """
+    nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+    largest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
+    resources = trial_resources(spec)
+    where = "this machine's Ray" if address is None else f"the cluster at {address}"
+    notes = []
+    for (backbone,) in sorted(spec.combinations("backbone")):
+        want = {"CPU": float(spec.cpus_per_trial), "GPU": resources.gpus_for(backbone)}
+        if any(all(n.get(k, 0.0) >= v for k, v in want.items()) for n in nodes):
+            continue
+        if address is not None and _may_autoscale():
+            notes.append(f"no node of {where} fits a {backbone} trial ({_fmt(want)}) yet: its trials wait for the "
+                         "autoscaler to add one (`ray status` on the head shows it).")
+            continue
+        if want["GPU"] > 0 and largest["GPU"] == 0:
+            raise CxrError(f"each {backbone} trial asks for {want['GPU']:g} GPU (--gpus-per-trial or resources.gpu "
+                           f"in {spec.source}) but {where} has no GPU, so no trial could ever start; use "
+                           "--gpus-per-trial 0, or gpu: auto (a GPU share only where there is one).")
+        short = [k for k in ("CPU", "GPU") if want[k] > largest[k]]
+        if not short:  # each fits somewhere, not both on one node
+            most = max(n.get("CPU", 0.0) for n in nodes if n.get("GPU", 0.0) >= want["GPU"])
+            raise CxrError(f"each {backbone} trial asks for {want['CPU']:g} CPUs and {want['GPU']:g} GPU on one node "
+                           f"(resources in {spec.source}) but the nodes of {where} with that GPU share have at most "
+                           f"{most:g} CPUs, so no trial could ever start; set resources.cpu to {most:g} or less.")
+        key = short[0]
+        option = "resources.cpu" if key == "CPU" else "--gpus-per-trial or resources.gpu"
+        raise CxrError(f"each {backbone} trial asks for {want[key]:g} {key}s ({option} in {spec.source}) but the "
+                       f"largest node of {where} has {largest[key]:g}, so no trial could ever start; ask for "
+                       f"{largest[key]:g} or less" + ("." if address else ", or run on a cluster with --address."))
+    slots = sum(int(n.get("CPU", 0.0) // max(spec.cpus_per_trial, 1e-9)) for n in nodes)
+    if spec.scheduler.kind == "asha" and 0 < min(slots, spec.max_concurrent_trials or slots) < 2 and not notes:
+        notes.append(f"one trial at a time ({largest['CPU']:g} CPUs, resources.cpu {spec.cpus_per_trial:g} per "
+                     "trial): ASHA can only compare a trial with finished ones; lower resources.cpu to run trials "
+                     "side by side.")
+    return notes
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items() if v > 0)
+
+
+def _may_autoscale() -> bool:
+    """Whether the connected cluster may add nodes: its autoscaler config says so, or (as Tune itself guesses)
+    it was started by the cluster launcher; when neither can be read, assume it may (never refuse a valid run)."""
+    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():  # `ray up` writes it on the head node
+        return True
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API (Ray Client has no GCS access): unknown, so may
+        return True
+    if config is None:  # no autoscaler config reported (Ray's v1 autoscaler, a hand-started cluster): unknown
+        return True
+    return any(g.max_count == -1 or g.max_count > g.min_count for g in config.node_group_configs)
 
 
 # ---------------------------------------------------------------- the trainable
@@ -237,6 +312,44 @@ class TrialEventLog(tune.Callback):
         self._record(trial, "error", error=_first_error_line(trial))
 
 
+class PendingWatch(tune.Callback):
+    """Says why trials wait: when one has been PENDING for `after_s` while no trial runs, or while no node fits it
+    (a cluster waiting for its autoscaler), print its request and the free resources; again every `after_s`."""
+
+    def __init__(self, after_s: float = PENDING_NOTE_S, clock: Any = time.monotonic, say: Any = None):
+        self.after_s, self.clock, self.say = after_s, clock, say or _print_now
+        self._since: dict[str, float] = {}
+        self._last = -math.inf
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        now = self.clock()
+        pending = [t for t in trials if t.status == "PENDING"]
+        self._since = {t.trial_id: self._since.get(t.trial_id, now) for t in pending}
+        if not pending or now - self._last < self.after_s:
+            return
+        oldest = min(pending, key=lambda t: self._since[t.trial_id])
+        waited = now - self._since[oldest.trial_id]
+        if waited < self.after_s:
+            return
+        want = {k: float(v) for k, v in oldest.placement_group_factory.required_resources.items() if v}
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fits = any(all(n.get(k, 0) >= v for k, v in want.items()) for n in nodes)
+        running = sum(t.status == "RUNNING" for t in trials)
+        if fits and running:
+            return  # an ordinary queue: it starts when a running trial ends
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        why = ("no node has that much: waiting for the autoscaler to add one (`ray status` on the head shows "
+               "pending and failed nodes)" if not fits else "no trial is running: nodes are busy with other work "
+               "or still starting (`ray status`)")
+        self.say(f"note: trial {oldest.config.get(KEY, oldest.trial_id)} has waited {waited / 60:.0f} min for "
+                 f"{_fmt(want)}; free now: {_fmt(free) or 'nothing'}; {why}.")
+        self._last = now
+
+
+def _print_now(text: str) -> None:
+    print(text, flush=True)
+
+
 def _first_error_line(trial: Any) -> str:
     path = getattr(trial, "error_file", None) or ""
     try:
@@ -332,17 +445,7 @@ def trial_key(number: int) -> str:
     return f"{number:04d}"
 
 
-def optuna_storage(journal: storage.Location) -> Any:
-    """The experiment's Optuna journal: a local file (open it with `optuna-dashboard <exp>/optuna.journal`), or
-    on an object store a folder of whole parts (`search/journal.py`)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if storage.is_remote(journal):
-        from cxr_search.search.journal import ObjectStoreJournal
-
-        return JournalStorage(ObjectStoreJournal(journal))
-    return JournalStorage(JournalFileBackend(str(journal)))
+optuna_storage = experiment.journal_storage
 
 
 def repair_journal(journal: storage.Location) -> bytes:
@@ -350,7 +453,7 @@ def repair_journal(journal: storage.Location) -> bytes:
     file of the dead driver is removed too; on an object store the parts are compacted into one (nothing is ever
     cut there). Call only when no other process writes the journal."""
     if storage.is_remote(journal):
-        from cxr_search.search.journal import ObjectStoreJournal
+        from cxr_search.journal import ObjectStoreJournal
 
         ObjectStoreJournal(journal).compact()
         return b""
@@ -488,8 +591,8 @@ class StageOptions:
     checkpoint_every: int = 1
     checkpoint_every_s: float | None = None
     max_failures: int = 2
-    verbose: int = 1
-    reporter: Any = None
+    verbose: int = 0  # Tune's own output (0: none; the console callback speaks to people)
+    callbacks: tuple[Any, ...] = ()  # more Tune callbacks (search/console.py's TrialConsole)
     reuse_actors: bool | None = None  # None: reuse trial processes only for CPU trials (a GPU trial's memory is
     # freed for sure only when its process ends)
 
@@ -503,6 +606,7 @@ def run_optuna_stage(stage_dir: storage.Location, spec: SearchSpec, data: Prepar
     """
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines are the console's job
     journal = stage_dir / experiment.JOURNAL_FILE
     space = optuna_space(spec)
     state = reconcile_journal(stage_dir, journal, study_name, options.objective, space)
@@ -552,8 +656,6 @@ def _fit(stage_dir: storage.Location, data: PreparedData, param_space: dict[str,
         mode=options.objective.mode, checkpoint_every=options.checkpoint_every,
         checkpoint_every_s=options.checkpoint_every_s, faults=engine.faults_from_env(),
         resources=options.resources, max_failures=max(1, options.max_failures))
-    if options.reporter is not None:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # CLIReporter is only honoured by Tune's classic output
     tuner = tune.Tuner(
         tune.with_resources(trainable, options.resources),
         param_space=param_space,
@@ -566,7 +668,7 @@ def _fit(stage_dir: storage.Location, data: PreparedData, param_space: dict[str,
         ),
         run_config=tune.RunConfig(
             name=stage_dir.name, storage_path=str(stage_dir.parent), verbose=options.verbose,
-            progress_reporter=options.reporter, callbacks=[TrialEventLog(stage_dir)],
+            callbacks=[TrialEventLog(stage_dir), PendingWatch(), *options.callbacks],
             failure_config=tune.FailureConfig(max_failures=max(1, options.max_failures)),
             # Checkpoints are our own model folders (see the module docstring); Ray keeps none.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -614,12 +716,12 @@ def tune_domain(p: ParamSpec) -> Any:
 
 
 def stage_options(spec: SearchSpec, *, scheduler: Any = None, resources: TrialResources | None = None,
-                  verbose: int = 1, reporter: Any = None) -> StageOptions:
+                  callbacks: tuple[Any, ...] = ()) -> StageOptions:
     return StageOptions(
         objective=Objective(spec.metric, spec.mode), resources=resources or trial_resources(spec),
         scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials,
         checkpoint_every=spec.checkpoint_every, checkpoint_every_s=spec.checkpoint_every_s,
-        max_failures=spec.max_failures, verbose=verbose, reporter=reporter)
+        max_failures=spec.max_failures, callbacks=callbacks)
 
 
 # ---------------------------------------------------------------- Ray itself
@@ -638,10 +740,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         return
     # Our SIGINT/SIGTERM handler asks Tune to stop (SIGUSR1) and remembers which signal it was.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune's classic output: silent at verbose 0 (the new one prints a configuration box and paths regardless);
+    # search/console.py speaks to people instead
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address is None or _on_loopback(address):
         _keep_loopback()
     if address:
+        check_address(address)
         try:
             ray.init(address=address, log_to_driver=not quiet)
         except ConnectionError as e:
@@ -649,8 +755,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
                            "start one with `ray up cluster.yaml` (or `ray start --head`), or leave --address out "
                            "to run on this machine.") from None
     else:
+        # ERROR: Ray's warnings at start-up (e.g. that token authentication is on) are not the user's business
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
+                 log_to_driver=not quiet, configure_logging=True, logging_level=logging.ERROR if quiet else logging.INFO)
     interrupt.reinstall()
 
 
@@ -671,6 +778,40 @@ def _keep_loopback() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def check_address(address: str) -> None:
+    """Refuse at once a cluster address `ray.init` would fail on only after minutes, or with a traceback: a
+    host:port nothing listens on (Ray retries its GCS for minutes), `auto` finding a Ray process that does not
+    answer (a stale one from another session), `ray://` without Ray Client installed."""
+    import socket
+
+    from ray._private.utils import get_ray_client_dependency_error
+
+    if address.startswith("ray://"):
+        if get_ray_client_dependency_error() is not None:
+            raise CxrError(f"--address {address}: Ray Client is not installed here (pip install "
+                           f"'ray[client]=={ray.__version__}'); or run the command on the cluster's head node with "
+                           "--address auto.")
+        return
+    target = address
+    if address == "auto":
+        try:  # Ray's own lookup: $RAY_ADDRESS, the latest `ray start`, else any local GCS process it finds
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address) or ""
+        except Exception:  # noqa: BLE001 - no cluster found: `init_ray` turns Ray's own error into one line
+            return
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # another form: Ray resolves it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        found = f" (found {target})" if target != address else ""
+        raise CxrError(f"--address {address}{found}: nothing answers there ({e.strerror or e}); give the head "
+                       "node's address as `ray status` prints it (host:6379), stop a stale local Ray with `ray "
+                       "stop`, or leave --address out to run on this machine.") from None
 
 
 def cluster_gpu_memory_gib() -> float:

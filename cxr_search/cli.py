@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from cxr_search import storage
 from cxr_search.errors import CxrError
 
 app = typer.Typer(
@@ -182,7 +183,7 @@ def run(
 
 @app.command("resume")
 def resume(
-    exp: Path = typer.Argument(..., help="Experiment folder of an interrupted `cxr-search run`."),
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI) of an interrupted `cxr-search run`."),
     address: str = typer.Option(None, "--address", help="Ray cluster to resume on (default: as the run)."),
 ) -> None:
     """Continue an interrupted run: unfinished and errored trials resume from their checkpoints."""
@@ -192,7 +193,7 @@ def resume(
 
 
 @app.command("status")
-def status(exp: Path = typer.Argument(..., help="Experiment folder.")) -> None:
+def status(exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI).")) -> None:
     """Trials of an experiment, read from its folder (no Ray needed; works while a search runs)."""
     from cxr_search.report import print_status
 
@@ -201,7 +202,7 @@ def status(exp: Path = typer.Argument(..., help="Experiment folder.")) -> None:
 
 @app.command("retrain")
 def retrain(
-    exp: Path = typer.Argument(..., help="Experiment folder written by `cxr-search run`."),
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI) written by `cxr-search run`."),
     top: int = typer.Option(1, "--top", help="Distinct configurations to retrain, best validation metric first."),
     seeds: int = typer.Option(50, "--seeds", help="Seeds per configuration (0..N-1); finished seeds are kept."),
     max_epochs: int = typer.Option(None, "--max-epochs", help="Epoch budget per run (default: the search's)."),
@@ -216,7 +217,7 @@ def retrain(
 
 @app.command("ensemble")
 def ensemble(
-    exp: Path = typer.Argument(..., help="Experiment folder."),
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI)."),
     top: int = typer.Option(3, "--top", help="Members: the best models by validation metric."),
     source: str = typer.Option(
         "search", "--from", help="search (top distinct trials, as the study and `run` do) | retrain (a seed ensemble)."
@@ -231,7 +232,7 @@ def ensemble(
     _show_stage(exp, "ensemble", "ensemble.json, metrics.csv, confusion_matrix.png")
 
 
-def _show_stage(exp: Path, stage: str, files: str) -> None:
+def _show_stage(exp: str, stage: str, files: str) -> None:
     """After a stage run on its own: rewrite summary.md, print the stage's section and where its files are."""
     from cxr_search import report
     from cxr_search.experiment import Experiment
@@ -239,12 +240,12 @@ def _show_stage(exp: Path, stage: str, files: str) -> None:
     report.write_summary(exp)
     section = report.retrain_section if stage == "retrain" else report.ensemble_section
     report.print_markdown(section(Experiment.open(exp)), console)
-    console.print(f"saved: {exp / stage} ({files})", highlight=False)
+    console.print(f"saved: {storage.path(exp) / stage} ({files})", highlight=False)
 
 
 @app.command("report")
 def report_command(
-    exp: Path = typer.Argument(..., help="Experiment folder."),
+    exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI)."),
     out: Path = typer.Option(None, "--out", help="HTML file to write (default EXP/report.html)."),
 ) -> None:
     """One self-contained HTML report: data warnings, search, seeds, ensemble, explanations (opens offline)."""
@@ -299,7 +300,7 @@ def train(
 
 @app.command("predict")
 def predict_command(
-    model: Path = typer.Argument(..., help="Experiment folder (its ensemble), an ensemble.json, or a checkpoint folder."),
+    model: str = typer.Argument(..., help="Experiment folder (its ensemble; or s3://... URI), an ensemble.json, or a checkpoint folder."),
     inputs: list[Path] = typer.Argument(..., help="Image files and folders (walked recursively)."),
     out: Path = typer.Option(None, "--out", help="Also write the rows as CSV to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (a list of objects) instead of a table."),

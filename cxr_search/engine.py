@@ -154,16 +154,38 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class DeviceSplit:
-    """One split resident on the device as uint8 [N, 1, H, W] (copied once); batches are index slices."""
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a data-parallel run: it holds training images `rank::world` of the split."""
 
-    def __init__(self, split: SplitArrays, device: torch.device):
-        self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device).unsqueeze(1)
-        self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(device)
+    rank: int
+    world: int
+
+    @classmethod
+    def current(cls) -> Shard | None:
+        """The shard of this process in the initialised torch.distributed group (None outside one)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return None
+
+
+class DeviceSplit:
+    """One split resident on the device as uint8 [N, 1, H, W] (copied once); batches are index slices.
+
+    With a `shard`, only the shard's images are resident; `labels_np` keeps the whole split's labels, so every
+    process draws the same epoch order (`_epoch_batches`)."""
+
+    def __init__(self, split: SplitArrays, device: torch.device, shard: Shard | None = None):
+        part = slice(shard.rank, None, shard.world) if shard is not None else slice(None)
+        self.shard = shard
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images[part])).to(device).unsqueeze(1)
+        self.labels = torch.from_numpy(np.asarray(split.labels[part], dtype=np.int64)).to(device)
         self.labels_np = np.asarray(split.labels, dtype=np.int64)
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.labels_np.shape[0])
 
 
 def model_input(images_u8: torch.Tensor, rt: Runtime, cfg: TrialConfig, *, augment: bool) -> torch.Tensor:
@@ -207,7 +229,8 @@ def train_step(
     ce = F.cross_entropy(logits.float(), y, reduction="none")
     if class_weight is not None:
         ce = ce * class_weight[y]  # Keras weights each sample's loss and averages over the batch
-    loss = ce.mean() + model.regularization_penalty(cfg.regularizer, cfg.reg_strength)
+    net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    loss = ce.mean() + net.regularization_penalty(cfg.regularizer, cfg.reg_strength)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -363,6 +386,7 @@ def fit(
     checkpoint_every_s: float | None = None,
     faults: Sequence[Fault] = (),
     progress: bool = False,
+    data_parallel: bool = False,
 ) -> FitResult:
     """Train ``cfg.backbone`` on ``data.train``, early-stop on ``data.val``, test once on ``data.test``.
 
@@ -380,12 +404,18 @@ def fit(
             (writing costs at most ~10% of the time: 9x the duration of the last write).
         faults: test-only fault injection (`faults_from_env`); never part of a user's config.
         progress: show a rich progress bar (one line per run, updated each epoch).
+        data_parallel: one of the processes of a DistributedDataParallel run (torch.distributed initialised by
+            the launcher, e.g. Ray Train): this process trains on its shard of the training set (`Shard`),
+            gradients are averaged across processes, and only rank 0 writes the model folder; every rank
+            evaluates, reports and returns the same figures.
 
     Returns:
         FitResult with per-epoch history and test metrics on the best-validation weights.
     """
     device = resolve_device(cfg.device)
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    folder = storage.path(checkpoint_dir) if checkpoint_dir is not None else None
+    shard = Shard.current() if data_parallel else None
+    lead = shard is None or shard.rank == 0  # the process that writes the model folder
     with _backend_settings(cfg, device):
         _seed_everything(cfg.seed)
         saved = read_resume_state(folder) if folder is not None else None
@@ -400,16 +430,24 @@ def fit(
         history: list[dict[str, Any]] = []
         stop_reason = ""
         writer = None
-        if folder is not None:
+        if folder is not None and lead:
             writer = _CheckpointWriter(folder, cfg, len(data.classes), checkpoint_every, checkpoint_every_s,
                                        getattr(data, "preprocessing", None))
+        if folder is not None:
             if saved is None:
-                writer.start_fresh()
+                if writer is not None:
+                    writer.start_fresh()
             else:
-                history, stop_reason = _restore(saved, folder, model, optimizer, scheduler, early)
-                writer.resumed(len(history))
+                history, stop_reason = _restore(saved, folder, model, optimizer, scheduler, early, tidy=lead)
+                if writer is not None:
+                    writer.resumed(len(history))
+        net = model  # what trains: the model, or its DDP wrapper (which averages the gradients)
+        if shard is not None:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                            else None)  # starts from rank 0's weights
 
-        train, val = DeviceSplit(data.train, device), DeviceSplit(data.val, device)
+        train = DeviceSplit(data.train, device, shard)
+        val = DeviceSplit(data.val, device)
         class_weight = None
         if cfg.balance == "class_weight":
             weights = class_weights(train.labels_np, len(data.classes))
@@ -421,9 +459,9 @@ def fit(
                     break
                 lr = optimizer.param_groups[0]["lr"]
                 t0 = time.perf_counter()
-                fire = _armed_faults(faults, cfg, epoch, folder)
+                fire = _armed_faults(faults, cfg, epoch, folder) if lead else None
                 train_loss, train_acc, n_seen = _train_epoch(
-                    model, optimizer, train, epoch, rt, cfg, class_weight, after_first_batch=fire
+                    net, optimizer, train, epoch, rt, cfg, class_weight, after_first_batch=fire
                 )
                 train_s = time.perf_counter() - t0
                 if scheduler is not None:
@@ -433,6 +471,10 @@ def fit(
                     stop_reason = "early_stopping"
                 elif epoch == cfg.max_epochs:
                     stop_reason = "max_epochs"
+                if shard is not None:
+                    # Ranks evaluate the same weights, but GPU kernels may differ in the last bits: rank 0
+                    # decides when to stop, or one process would wait forever for the others.
+                    stop_reason = _from_rank0(stop_reason)
                 metrics = {
                     "epoch": epoch,
                     "train_loss": train_loss,
@@ -469,22 +511,14 @@ def _train_epoch(
     class_weight: torch.Tensor | None,
     after_first_batch: Callable[[], None] | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the (oversampled, shuffled) training set; returns (mean loss, accuracy, images seen)."""
-    # The epoch's order depends only on (seed, epoch), so a resumed run sees the same batches.
-    rng = np.random.default_rng([cfg.seed, epoch])
-    if cfg.balance == "oversample":
-        order = oversample_indices(train.labels_np, rng)  # shuffled
-    else:
-        order = rng.permutation(len(train))
-    order = torch.from_numpy(order).to(rt.device)
+    """One pass over the (oversampled, shuffled) training set; returns (mean loss, accuracy, images seen).
+
+    Data-parallel (`train.shard`): the statistics are summed over every process."""
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), dtype=torch.long, device=rt.device)
     n_seen = 0
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        if len(idx) < 2 and start > 0:
-            break  # a trailing batch of one image cannot train BatchNorm
+    for idx in _epoch_batches(train, cfg, epoch, rt.device):
         x = model_input(train.images[idx], rt, cfg, augment=True)
         loss, n_correct = train_step(model, optimizer, x, train.labels[idx], rt, cfg, class_weight)
         loss_sum += loss * len(idx)
@@ -493,8 +527,51 @@ def _train_epoch(
         if after_first_batch is not None:
             after_first_batch()  # test-only fault injection: fails the epoch in its middle
             after_first_batch = None
+    if train.shard is not None:
+        import torch.distributed as dist
+
+        totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n_seen), device=rt.device,
+                                                                                dtype=torch.float64)])
+        dist.all_reduce(totals)
+        loss_sum, correct, n_seen = totals[0], totals[1], int(totals[2])
     _synchronize(rt.device)
     return float(loss_sum) / max(n_seen, 1), float(correct) / max(n_seen, 1), n_seen
+
+
+def _from_rank0(value: str) -> str:
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _epoch_batches(train: DeviceSplit, cfg: TrialConfig, epoch: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The epoch's batches as index tensors into `train.images`.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches. A data-parallel process takes
+    its own images (index % world == rank) from that order, batch_size // world per step, and every process takes
+    the same number of steps (the smallest share decides; DDP needs every process in every step).
+    """
+    rng = np.random.default_rng([cfg.seed, epoch])
+    if cfg.balance == "oversample":
+        order = oversample_indices(train.labels_np, rng)  # shuffled
+    else:
+        order = rng.permutation(len(train))
+    shard = train.shard
+    if shard is None:
+        order_t = torch.from_numpy(order).to(device)
+        for start in range(0, len(order_t), cfg.batch_size):
+            idx = order_t[start : start + cfg.batch_size]
+            if len(idx) < 2 and start > 0:
+                break  # a trailing batch of one image cannot train BatchNorm
+            yield idx
+        return
+    per_step = max(2, cfg.batch_size // shard.world)  # >= 2: BatchNorm needs two images
+    steps = min(int(np.sum(order % shard.world == r)) for r in range(shard.world)) // per_step
+    mine = torch.from_numpy(order[order % shard.world == shard.rank] // shard.world).to(device)
+    for step in range(max(steps, 1)):
+        yield mine[step * per_step : (step + 1) * per_step]
 
 
 def _finish(
@@ -545,10 +622,10 @@ def best_file_name(epoch: int) -> str:
     return f"best-e{epoch:04d}.pt"
 
 
-def best_files(folder: str | Path) -> list[tuple[int, Path]]:
+def best_files(folder: str | Path) -> list[tuple[int, storage.Location]]:
     """The folder's best-weights files as (epoch, path), oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    folder = storage.path(folder)
+    if not storage.is_remote(folder) and not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _BEST_FILE.match(p.name))]
     return sorted(found)
@@ -556,7 +633,7 @@ def best_files(folder: str | Path) -> list[tuple[int, Path]]:
 
 def read_history(folder: str | Path) -> list[dict[str, Any]]:
     """The per-epoch metrics of a model folder (`history.jsonl`; a line cut by a kill is skipped)."""
-    return storage.read_records(Path(folder) / HISTORY_FILE)
+    return storage.read_records(storage.path(folder) / HISTORY_FILE)
 
 
 def read_resume_state(folder: str | Path | None, *, metadata_only: bool = False) -> dict[str, Any] | None:
@@ -571,11 +648,11 @@ def read_resume_state(folder: str | Path | None, *, metadata_only: bool = False)
     """
     if folder is None:
         return None
-    path = Path(folder) / RESUME_FILE
+    path = storage.path(folder) / RESUME_FILE
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=metadata_only)
+        state = _load_tensors(path, mmap=metadata_only)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CxrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete the folder "
                        f"{folder} to train it again.") from None
@@ -585,10 +662,19 @@ def read_resume_state(folder: str | Path | None, *, metadata_only: bool = False)
     return state
 
 
+def _load_tensors(path: storage.Location, *, mmap: bool = False) -> Any:
+    """A file this module wrote with torch.save: tensors, dicts, lists and numbers only (weights_only=True, never a
+    pickle of arbitrary objects). `mmap` maps a local file instead of reading it (an object is read whole)."""
+    if storage.is_remote(path):
+        with storage.open_binary(path) as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 class _CheckpointWriter:
     """Writes one run's model folder in the crash-safe order described above."""
 
-    def __init__(self, folder: Path, cfg: TrialConfig, num_classes: int, every_epochs: int,
+    def __init__(self, folder: storage.Location, cfg: TrialConfig, num_classes: int, every_epochs: int,
                  every_s: float | None, preprocessing: dict[str, Any] | None = None):
         self.folder, self.cfg, self.num_classes = folder, cfg, num_classes
         self.preprocessing = preprocessing  # the data's recorded preprocessing: the folder alone serves `predict`
@@ -668,28 +754,30 @@ def _lean_state(num_classes: int, epoch: int, early: _EarlyStopping, history: li
 
 def _restore(
     state: dict[str, Any],
-    folder: Path,
+    folder: storage.Location,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     early: _EarlyStopping,
+    tidy: bool = True,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Load a resume state into the live objects and the RNGs, and discard what came after it on disk.
+    """Load a resume state into the live objects and the RNGs, and (`tidy`: the writing process) discard what came
+    after it on disk.
 
     Returns:
         (history, stop_reason); a finished run returns its stop reason, so no epoch is trained again.
     """
     epoch = int(state["epoch"])
-    for e, path in best_files(folder):
+    for e, path in best_files(folder) if tidy else ():
         if e > epoch:  # written after this state by an attempt that died: its epochs will run again
             path.unlink(missing_ok=True)
     history = list(state["history"])
-    if len(read_history(folder)) != len(history):
+    if tidy and len(read_history(folder)) != len(history):
         storage.rewrite_records(folder / HISTORY_FILE, history)
     for key, value in state["early_stopping"].items():
         setattr(early, key, value)
     if state["best_file"]:
-        best = torch.load(folder / state["best_file"], map_location="cpu", weights_only=True)
+        best = _load_tensors(folder / state["best_file"])
         early.best_weights = best["model"]
     if state["finished"]:
         if early.best_weights is not None:
@@ -709,7 +797,7 @@ def seal(folder: str | Path, stop_reason: str = "") -> None:
     Its history is `history.jsonl` (it may run past the last resume state); its best weights are the newest
     best file. Idempotent; a folder without a resume state or already lean is left as it is.
     """
-    folder = Path(folder)
+    folder = storage.path(folder)
     state = read_resume_state(folder, metadata_only=True)
     if state is None or state["finished"]:
         return
@@ -737,16 +825,16 @@ def load_best_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, TrialC
     Args:
         checkpoint_dir: a model folder written by ``fit`` (a trial folder, ``cxr-search train --out``).
     """
-    folder = Path(checkpoint_dir)
+    folder = storage.path(checkpoint_dir)
     bests = best_files(folder)
     if not (folder / CONFIG_FILE).is_file() or not bests:
         raise CxrError(f"{folder}: no trained model here (needs {CONFIG_FILE} and best-e*.pt); pass a folder "
                        "written by `cxr-search train --out` or a search trial's folder.")
-    cfg = TrialConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()), source=str(folder / CONFIG_FILE))
+    cfg = TrialConfig.from_dict(storage.read_json(folder / CONFIG_FILE), source=str(folder / CONFIG_FILE))
     history = read_history(folder)
     last = int(history[-1]["epoch"]) if history else bests[-1][0]
     epoch, path = next(((e, p) for e, p in reversed(bests) if e <= last), bests[0])
-    best = torch.load(path, map_location="cpu", weights_only=True)
+    best = _load_tensors(path)
     # the file holds every weight: never reload pretrained ones (a hub name would fail offline)
     model = model_from_config(cfg.replace(pretrained="none"), num_classes=best["num_classes"])
     model.load_state_dict(best["model"])
@@ -795,7 +883,7 @@ def faults_from_env(value: str | None = None) -> tuple[Fault, ...]:
 
 
 def _armed_faults(faults: Sequence[Fault], cfg: TrialConfig, epoch: int,
-                  folder: Path | None) -> Callable[[], None] | None:
+                  folder: storage.Location | None) -> Callable[[], None] | None:
     chosen = [f for f in faults if f.applies(cfg, epoch)]
     if not chosen:
         return None

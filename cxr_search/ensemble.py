@@ -95,7 +95,9 @@ def load_member(npz_path: str | Path, *, trial_id: str | None = None, checkpoint
     from cxr_search.experiment import read_predictions
 
     z = read_predictions(npz_path)
-    return Member(trial_id=trial_id or Path(npz_path).stem, checkpoint_dir=checkpoint_dir,
+    from cxr_search import storage
+
+    return Member(trial_id=trial_id or storage.path(npz_path).stem, checkpoint_dir=checkpoint_dir,
                   val_labels=z["val_labels"].astype(np.int64), val_probs=z["val_probs"].astype(np.float64),
                   test_labels=z["test_labels"].astype(np.int64), test_probs=z["test_probs"].astype(np.float64),
                   classes=tuple(str(c) for c in z["classes"]))
@@ -287,7 +289,7 @@ def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "search", w
         ranked = ranked[ranked["config_key"] == ranked["config_key"].iloc[0]]
     chosen = ranked.head(top_k)
     members = [load_member(r["predictions_path"], trial_id=str(r["trial_id"]),
-                           checkpoint_dir=str(Path(r["trial_dir"]).resolve())) for r in chosen.to_dict("records")]
+                           checkpoint_dir=str(storage.path(r["trial_dir"]).resolve())) for r in chosen.to_dict("records")]
     w = member_weights(members, weights)
     result = evaluate(members, w, calibrate=calibrate, n_resamples=n_resamples, seed=seed)
 

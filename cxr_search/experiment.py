@@ -218,9 +218,6 @@ def plan_run(
     Raises:
         CxrError: a bad space, option or data folder, naming it and the fix.
     """
-    if storage is not None and "://" in str(storage):
-        raise CxrError(f"--storage {storage}: remote storage is not supported yet; give a local or shared "
-                       "(NFS) folder every Ray node can read.")
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise CxrError(f"--stages: unknown stage '{bad[0] if bad else ''}'; allowed: {', '.join(STAGES)} "
@@ -284,8 +281,30 @@ def plan_run(
         space=effective, data=DataConfig(data_dir=data_dir, **data), stages=tuple(stages), top_k=int(top_k),
         seeds=int(seeds), retrain_max_epochs=max_epochs if max_epochs is not None else budget.get("retrain_max_epochs"),
         ensemble_members=max(3, int(top_k)), budget=budget_kind, notes=tuple(notes), address=address,
-        storage=str(Path(storage).expanduser().resolve()) if storage is not None else None, num_cpus=num_cpus,
+        storage=_storage_root(storage) if storage is not None else None, num_cpus=num_cpus,
     )
+
+
+def _storage_root(where: str | Path) -> str:
+    """The --storage root as saved in the plan: an absolute local path, or the URI as given (checked to open)."""
+    if storage.is_remote(str(where)):
+        try:
+            root = storage.path(str(where))  # a URI no filesystem opens is a one-line error before anything runs
+        except CxrError as e:
+            raise CxrError(f"--storage {e}") from None
+        top = root
+        while top.parent != top and top.parent.fs_path not in ("", "/"):
+            top = top.parent  # the bucket (s3://bucket/prefix), or the first folder
+        try:
+            reachable = top.exists()
+        except OSError as e:
+            raise CxrError(f"--storage {where}: cannot reach it ({' '.join(str(e).split())[:200]}); check the "
+                           "credentials and endpoint in the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, "
+                           "...).") from None
+        if not reachable:
+            raise CxrError(f"--storage {where}: {top} does not exist; create the bucket first (or give another).")
+        return str(where)
+    return str(Path(where).expanduser().resolve())
 
 
 def space_notes(spec: SearchSpec, size: int) -> list[str]:
@@ -469,14 +488,14 @@ def _apply_budget(raw: dict[str, Any], budget: dict[str, Any], phantoms: bool) -
 class Experiment:
     """An experiment folder and its plan. `create` starts one, `open` checks and loads one."""
 
-    def __init__(self, path: str | Path, plan: Plan):
-        self.path = Path(path).resolve()
+    def __init__(self, path: str | Path | storage.RemotePath, plan: Plan):
+        self.path = storage.path(path).resolve()
         self.plan = plan
 
     @classmethod
     def create(cls, plan: Plan, root: str | Path | None = None) -> Experiment:
         """A new experiment folder `root/plan.name` holding `pipeline.json` (refuses an existing experiment)."""
-        root = Path(root) if root is not None else paths.experiments_root()
+        root = storage.path(root) if root is not None else paths.experiments_root()
         path = (root / plan.name).resolve()
         if (path / PLAN_FILE).exists():
             raise CxrError(f"experiment '{path}' already exists; continue it with `cxr-search resume {path}` "
@@ -487,9 +506,9 @@ class Experiment:
         return exp
 
     @classmethod
-    def open(cls, path: str | Path) -> Experiment:
+    def open(cls, path: str | Path | storage.RemotePath) -> Experiment:
         """Load an experiment folder; anything else is a one-line error and nothing in the folder changes."""
-        path = Path(path)
+        path = storage.path(path)
         if not path.is_dir():
             raise CxrError(f"{path}: no such experiment folder; pass a folder written by `cxr-search run` "
                            f"(experiments live under {paths.experiments_root()} by default).")
@@ -526,18 +545,18 @@ class Experiment:
         return self.plan.objective
 
     # -- files
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str) -> storage.Location:
         """Folder of a stage's trials: the search's are the experiment folder itself (Ray's layout)."""
         return self.path if stage == "search" else self.path / RETRAIN_DIR if stage == "retrain" else self.path / stage
 
     @property
-    def journal(self) -> Path:
+    def journal(self) -> storage.Location:
         return self.path / JOURNAL_FILE
 
     def study(self) -> Any:
         """The search's Optuna study (`optuna.journal`, study name = the plan's name), as optuna-dashboard shows
         it, or None when the search used no Optuna searcher or has not started. Reading appends nothing."""
-        if not self.journal.is_file():
+        if not self.journal.exists():
             return None  # opening a JournalFileBackend would create an empty journal
         import optuna
 
@@ -583,7 +602,14 @@ def exclusive(exp: Experiment) -> Iterator[None]:
     """
     import fcntl
 
-    path = exp.path / ".lock"
+    if storage.is_remote(exp.path):
+        # Object stores have no lock: the lock is a local file named after the experiment's URI, so drivers on
+        # this machine exclude each other; two machines must not drive one remote experiment (README).
+        locks = paths.cache_root() / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        path = locks / hashlib.sha1(str(exp.path).encode()).hexdigest()[:16]
+    else:
+        path = exp.path / ".lock"
     handle = open(path, "a+")  # noqa: SIM115 - held for the whole block
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -603,15 +629,20 @@ def exclusive(exp: Experiment) -> Iterator[None]:
         handle.close()
 
 
-def journal_storage(journal: str | Path) -> Any:
-    """The Optuna storage of an experiment's journal file (what `optuna-dashboard EXP/optuna.journal` opens)."""
+def journal_storage(journal: storage.Location) -> Any:
+    """The Optuna storage of an experiment's journal: a local file (what `optuna-dashboard EXP/optuna.journal`
+    opens), or on an object store a folder of whole parts (`journal.py`)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    if storage.is_remote(journal):
+        from cxr_search.journal import ObjectStoreJournal
+
+        return JournalStorage(ObjectStoreJournal(journal))
     return JournalStorage(JournalFileBackend(str(journal)))
 
 
-def _read_json_or_none(path: Path) -> Any:
+def _read_json_or_none(path: storage.Location) -> Any:
     try:
         return storage.read_json(path)
     except (OSError, ValueError):
@@ -677,12 +708,12 @@ def run_fingerprint(config: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class TrialDir:
     trial_id: str
-    path: Path
+    path: storage.Location
 
 
 def trial_dirs(stage_dir: str | Path) -> list[TrialDir]:
     """The stage's trial folders (`trial_<id>` with a config), by trial id. Orphans set aside are not listed."""
-    stage_dir = Path(stage_dir)
+    stage_dir = storage.path(stage_dir)
     if not stage_dir.is_dir():
         return []
     out = []
@@ -695,14 +726,14 @@ def trial_dirs(stage_dir: str | Path) -> list[TrialDir]:
 
 def record_trial_event(stage_dir: str | Path, trial_id: str, event: str, **info: Any) -> None:
     """Append one trial event (`start`, `complete`, `error`) to the stage's `trials.jsonl`, fsynced."""
-    storage.append_record(Path(stage_dir) / EVENTS_FILE,
+    storage.append_record(storage.path(stage_dir) / EVENTS_FILE,
                           {"trial_id": trial_id, "event": event, "time": dt.datetime.now().isoformat(), **info})
 
 
 def trial_events(stage_dir: str | Path) -> dict[str, dict[str, Any]]:
     """The last recorded event of each trial (a later `complete` replaces an `error` that was retried)."""
     last: dict[str, dict[str, Any]] = {}
-    for record in storage.read_records(Path(stage_dir) / EVENTS_FILE):
+    for record in storage.read_records(storage.path(stage_dir) / EVENTS_FILE):
         if "trial_id" in record:
             last[str(record["trial_id"])] = record
     return last
@@ -748,7 +779,7 @@ def trial_end(trial_dir: str | Path, event: dict[str, Any] | None) -> str | None
 
 
 def _trial_row(trial: TrialDir, objective: Objective, event: dict[str, Any] | None,
-               predictions: Path) -> dict[str, Any]:
+               predictions: storage.Location) -> dict[str, Any]:
     config = _read_json_or_none(trial.path / "config.json") or {}
     params = _read_json_or_none(trial.path / "params.json") or {}
     labels = {k: v for k, v in params.items() if k not in TrialConfig.__dataclass_fields__}
@@ -799,22 +830,25 @@ def build_results(stage_dir: str | Path, objective: Objective) -> pd.DataFrame:
         stage_dir: a stage folder (the experiment for the search, a retrain run).
         objective: the metric defining each trial's best epoch.
     """
-    stage_dir = Path(stage_dir)
+    stage_dir = storage.path(stage_dir)
     events = trial_events(stage_dir)
     rows = [_trial_row(t, objective, events.get(t.trial_id), stage_dir / PREDICTIONS_DIR)
             for t in trial_dirs(stage_dir)]
     return pd.DataFrame(rows)
 
 
-def write_results(stage_dir: str | Path, df: pd.DataFrame) -> Path:
+def write_results(stage_dir: str | Path, df: pd.DataFrame) -> storage.Location:
     """Write the stage's `results.parquet` atomically."""
-    return storage.atomic_write(Path(stage_dir) / RESULTS_FILE, lambda tmp: df.to_parquet(tmp, index=False))
+    return storage.atomic_write(storage.path(stage_dir) / RESULTS_FILE, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def load_results(stage_dir: str | Path, objective: Objective) -> pd.DataFrame:
     """The stage's table: `results.parquet` if written, else built from the folders (e.g. while running)."""
-    path = Path(stage_dir) / RESULTS_FILE
-    return pd.read_parquet(path) if path.is_file() else build_results(stage_dir, objective)
+    path = storage.path(stage_dir) / RESULTS_FILE
+    if not path.is_file():
+        return build_results(stage_dir, objective)
+    with storage.open_binary(path) as f:
+        return pd.read_parquet(f)
 
 
 def rank(df: pd.DataFrame, objective: Objective, *, finished_only: bool = True,
@@ -834,7 +868,7 @@ def rank(df: pd.DataFrame, objective: Objective, *, finished_only: bool = True,
     df = df.copy()
     df["trial_id"] = df["trial_id"].astype(str)
     if finished_only and "predictions_path" in df:
-        df = df[[bool(p) and Path(p).is_file() for p in df["predictions_path"].fillna("")]]
+        df = df[[bool(p) and storage.path(p).is_file() for p in df["predictions_path"].fillna("")]]
     df = df.dropna(subset=[objective.column])
     df = df.sort_values(objective.column, ascending=objective.mode == "min", kind="stable").reset_index(drop=True)
     if distinct and "config_key" in df:
@@ -846,13 +880,13 @@ def rank(df: pd.DataFrame, objective: Objective, *, finished_only: bool = True,
 # ---------------------------------------------------------------- predictions
 
 
-def predictions_path(stage_dir: str | Path, trial_id: str) -> Path:
-    return Path(stage_dir) / PREDICTIONS_DIR / f"{trial_id}.npz"
+def predictions_path(stage_dir: str | Path, trial_id: str) -> storage.Location:
+    return storage.path(stage_dir) / PREDICTIONS_DIR / f"{trial_id}.npz"
 
 
 def write_predictions(stage_dir: str | Path, trial_id: str, *, val_labels: np.ndarray, val_probs: np.ndarray,
                       test_labels: np.ndarray, test_probs: np.ndarray, metrics: dict[str, Any],
-                      model_file: str) -> Path:
+                      model_file: str) -> storage.Location:
     """Store one model's val/test probabilities (`.npz`, arrays only) and metrics (`.json`), atomically.
 
     The `.json` is written last and names the weights file it came from, so its presence means the pair is whole.
@@ -872,7 +906,7 @@ def write_predictions(stage_dir: str | Path, trial_id: str, *, val_labels: np.nd
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
     """A predictions file (`val_labels`, `val_probs`, `test_labels`, `test_probs`, `classes`); no pickle."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with storage.open_binary(path) as f, np.load(f, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise CxrError(f"{path}: not a readable predictions file ({e}); rerun the stage that wrote it.") from None
@@ -902,7 +936,7 @@ def finalize(stage_dir: str | Path, data: Any, objective: Objective, *, device: 
     from cxr_search import engine
     from cxr_search.metrics import classification_metrics
 
-    stage_dir = Path(stage_dir)
+    stage_dir = storage.path(stage_dir)
     events = trial_events(stage_dir)
     for trial in trial_dirs(stage_dir):
         ended = trial_end(trial.path, events.get(trial.trial_id))
@@ -936,7 +970,7 @@ def _plain(d: dict[str, Any]) -> dict[str, float]:
 
 def check_same_splits(stage_dir: str | Path, data: Any) -> None:
     """Refuse data whose val/test labels differ from what the stage's trials were evaluated on."""
-    stored = sorted((Path(stage_dir) / PREDICTIONS_DIR).glob("*.npz"))
+    stored = sorted((storage.path(stage_dir) / PREDICTIONS_DIR).glob("*.npz"))
     if not stored:
         return
     z = read_predictions(stored[0])

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_search import storage
 from cxr_search.errors import CxrError
 
 METHODS = ("gradcam", "hirescam", "lime")
@@ -525,10 +526,12 @@ def write_faithfulness(exp_dir: str | Path, table: pd.DataFrame, probe: dict[str
 
 def read_faithfulness(exp_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]] | None:
     """(table, {"shortcut": ..., "settings": ...}) written by :func:`write_faithfulness`, or None if absent."""
-    folder = Path(exp_dir) / EXPLAIN_DIR
+    folder = storage.path(exp_dir) / EXPLAIN_DIR
     if not (folder / FAITHFULNESS_CSV).is_file() or not (folder / FAITHFULNESS_JSON).is_file():
         return None
-    return pd.read_csv(folder / FAITHFULNESS_CSV), json.loads((folder / FAITHFULNESS_JSON).read_text())
+    with storage.open_binary(folder / FAITHFULNESS_CSV) as f:
+        table = pd.read_csv(f)
+    return table, storage.read_json(folder / FAITHFULNESS_JSON)
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:

@@ -267,7 +267,7 @@ def build_report(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
         f"<script>{_SORT_SCRIPT}</script></body></html>"])
 
 
-def write_report(exp_dir: str | Path, out: str | Path | None = None, *, n_resamples: int = 1000) -> Path:
+def write_report(exp_dir: str | Path, out: str | Path | None = None, *, n_resamples: int = 1000) -> storage.Location:
     """Write the HTML report atomically and return its path.
 
     Args:
@@ -275,5 +275,5 @@ def write_report(exp_dir: str | Path, out: str | Path | None = None, *, n_resamp
         out: the HTML file (a folder gets `report.html` inside); default `EXP/report.html`.
         n_resamples: bootstrap resamples for the per-trial test intervals.
     """
-    path = Path(exp_dir) / REPORT_FILE if out is None else Path(out) / REPORT_FILE if Path(out).is_dir() else Path(out)
+    path = storage.path(exp_dir) / REPORT_FILE if out is None else Path(out) / REPORT_FILE if Path(out).is_dir() else Path(out)
     return storage.atomic_write_text(path, build_report(exp_dir, n_resamples=n_resamples))

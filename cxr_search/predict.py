@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_search import CLASSES
+from cxr_search import CLASSES, storage
 from cxr_search.data.preprocess import Preprocessing, locate
 from cxr_search.errors import CxrError
 from cxr_search.experiment import PLAN_FILE, RESULTS_FILE, Experiment
@@ -88,7 +88,7 @@ def load(source: str | Path, *, device: str = "auto") -> Predictor:
     """
     from cxr_search import engine
 
-    source = Path(source)
+    source = storage.path(source)
     dev = str(engine.resolve_device(device))
     if not source.exists():
         raise CxrError(f"{source} does not exist; pass an experiment folder, an ensemble.json or a checkpoint folder.")
@@ -137,7 +137,9 @@ def _ensemble_file(source: Path) -> Path | None:
 
 def _experiment_of(folder: Path) -> Path | None:
     """The experiment folder holding a checkpoint folder (the nearest ancestor with pipeline.json), if any."""
-    for parent in list(folder.resolve().parents)[:4]:
+    parent = folder.resolve()
+    for _ in range(4):
+        parent = parent.parent
         if (parent / PLAN_FILE).is_file():
             return parent
     return None
@@ -156,8 +158,8 @@ def _plan_preprocessing(exp_dir: Path | None) -> tuple[int, str] | None:
 
 def _member_folder(path: str, exp_dir: Path, ens_file: Path) -> Path:
     """A member's checkpoint folder: absolute, or relative to the working directory or the experiments root."""
-    raw = Path(path)
-    candidates = [raw] if raw.is_absolute() else [raw, exp_dir.parent / raw, exp_dir / raw, exp_dir.parent.parent / raw]
+    raw = storage.path(path)
+    candidates = [raw] if storage.is_remote(raw) or raw.is_absolute() else [raw, exp_dir.parent / raw, exp_dir / raw, exp_dir.parent.parent / raw]
     for c in candidates:
         if c.is_dir():
             return c

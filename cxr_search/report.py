@@ -3,7 +3,6 @@ spread, ensemble, each with confidence intervals. Every section is optional: mis
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,7 @@ def _test_cis(predictions_path: str, n_resamples: int) -> dict[str, tuple[float,
     """Bootstrap CIs of one model's test figures from its stored predictions (empty if none stored)."""
     from cxr_search.metrics import bootstrap_ci
 
-    if not predictions_path or not Path(predictions_path).is_file():
+    if not predictions_path or not storage.path(predictions_path).is_file():
         return {}
     z = read_predictions(predictions_path)
     return bootstrap_ci(z["test_labels"], z["test_probs"], n_resamples=n_resamples, stratified=True, seed=0,
@@ -205,13 +204,14 @@ def seed_summary(exp: Experiment) -> pd.DataFrame:
     path = exp.stage_dir("retrain") / "summary.csv"
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame()
-    return pd.read_csv(path, dtype={"config_key": str, "source_trial_id": str})
+    with storage.open_binary(path) as f:
+        return pd.read_csv(f, dtype={"config_key": str, "source_trial_id": str})
 
 
 def read_ensemble(exp_dir: str | Path) -> dict[str, Any] | None:
     """`EXP/ensemble/ensemble.json` (written last by the ensemble stage), or None when the stage has not run."""
-    path = Path(exp_dir) / ENSEMBLE_DIR / "ensemble.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    path = storage.path(exp_dir) / ENSEMBLE_DIR / "ensemble.json"
+    return storage.read_json(path) if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -270,12 +270,12 @@ def member_comparison(ens: EnsemblePredictions, n_resamples: int = 1000) -> pd.D
     return pd.DataFrame(rows)
 
 
-def explain_sheets(exp_dir: str | Path) -> list[Path]:
+def explain_sheets(exp_dir: str | Path) -> list[storage.Location]:
     """Contact sheets of explanations saved in the experiment (`EXP/explain/contact_sheet*.png`, written by
     `cxr-search explain EXP IMAGES --out EXP/explain`), sorted; empty if none."""
     from cxr_search.explain import EXPLAIN_DIR
 
-    return sorted((Path(exp_dir) / EXPLAIN_DIR).glob("contact_sheet*.png"))
+    return sorted((storage.path(exp_dir) / EXPLAIN_DIR).glob("contact_sheet*.png"))
 
 
 def data_section(exp: Experiment) -> list[str]:
@@ -345,7 +345,7 @@ def build_summary(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
 
 def write_summary(exp_dir: str | Path) -> Path:
     """Write `EXP/summary.md` and return its path."""
-    return storage.atomic_write_text(Path(exp_dir) / "summary.md", build_summary(exp_dir))
+    return storage.atomic_write_text(storage.path(exp_dir) / "summary.md", build_summary(exp_dir))
 
 
 def print_markdown(lines: list[str], console: Any) -> None:
@@ -357,7 +357,7 @@ def print_markdown(lines: list[str], console: Any) -> None:
 
 def print_summary(exp_dir: str | Path, console: Any) -> None:
     """Print the summary (written by `write_summary` if present, else built now) on a rich console."""
-    path = Path(exp_dir) / "summary.md"
+    path = storage.path(exp_dir) / "summary.md"
     print_markdown([path.read_text() if path.is_file() else build_summary(exp_dir)], console)
 
 

@@ -188,13 +188,13 @@ def plot_seed_distribution(results: pd.DataFrame, path: str | Path,
     fig.tight_layout()
     storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    return Path(path)
+    return storage.path(path)
 
 
 def write_outputs(retrain_dir: str | Path, results: pd.DataFrame) -> dict[str, Path]:
     """Write `summary.csv` and `distribution.png` into `EXP/retrain/` (the per-run table, `results.parquet`,
     is the stage's own, written by `experiment.finalize`)."""
-    retrain_dir = Path(retrain_dir)
+    retrain_dir = storage.path(retrain_dir)
     retrain_dir.mkdir(parents=True, exist_ok=True)
     paths = {"summary": retrain_dir / "summary.csv", "figure": retrain_dir / "distribution.png"}
     summary = summarize_seeds(results)

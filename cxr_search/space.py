@@ -113,6 +113,7 @@ class SearchSpec:
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML as loaded, written back as run
     checkpoint_every_s: float | None = None  # also seconds between resume states; None: automatic (<= ~10% cost)
+    workers_per_trial: int = 1  # > 1: each trial is a data-parallel Ray Train run (cpu/gpu are per worker)
     max_trials: int | None = None  # a grid/random search runs only the first N trials of its plan (budgets)
 
     def replace(self, **changes: Any) -> SearchSpec:
@@ -290,8 +291,11 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
 
     resources = raw.get("resources", {}) or {}
     _require_mapping(resources, "resources", src)
-    _check_keys(resources, ("cpu", "gpu"), src, "resources")
+    _check_keys(resources, ("cpu", "gpu", "workers"), src, "resources")
     cpus = _get(resources, "cpu", float, src, 1.0, "resources")
+    workers = _get(resources, "workers", int, src, 1, "resources")
+    if workers < 1:
+        raise CxrError(f"{src}: resources.workers must be >= 1 (processes training one trial together), got {workers}.")
     gpus = resources.get("gpu", "auto")
     if not (gpus == "auto" or (isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and 0 <= gpus)):
         raise CxrError(f"{src}: resources.gpu must be 'auto' or a number >= 0 (a fraction shares a GPU), got {gpus!r}.")
@@ -348,6 +352,7 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         max_concurrent_trials=max_conc,
         cpus_per_trial=cpus,
         gpus_per_trial=gpus if gpus == "auto" else float(gpus),
+        workers_per_trial=workers,
         checkpoint_every=checkpoint_every,
         checkpoint_every_s=checkpoint_every_s,
         max_trials=max_trials,

@@ -135,16 +135,18 @@ def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
     """Write ``folder/preprocessing.json`` atomically (the one writer of that file)."""
     from cxr_search import storage
 
-    return storage.atomic_write_json(Path(folder) / PREPROCESSING_FILE, record)
+    return storage.atomic_write_json(storage.path(folder) / PREPROCESSING_FILE, record)
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:
     """The record in ``folder/preprocessing.json`` (the one reader of that file), or None when absent."""
-    path = Path(folder) / PREPROCESSING_FILE
+    from cxr_search import storage
+
+    path = storage.path(folder) / PREPROCESSING_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return storage.read_json(path)
     except (OSError, ValueError) as e:
         raise CxrError(f"{path}: unreadable ({e}); delete it and rerun the step that wrote it.") from None
 

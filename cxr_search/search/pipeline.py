@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cxr_search import experiment, interrupt, paths, report
+from cxr_search import experiment, interrupt, paths, report, storage
 from cxr_search.errors import CxrError
 from cxr_search.experiment import Experiment, Plan
 
@@ -42,7 +42,7 @@ def run_pipeline(space: str | Path, *, console: Console | None = None, **options
         console.print(f"[yellow]note:[/] {note}")
     from cxr_search.search import tune as stage
 
-    root = Path(plan.storage) if plan.storage else paths.experiments_root()
+    root = storage.path(plan.storage) if plan.storage else paths.experiments_root()
     if (root / plan.name / experiment.PLAN_FILE).exists():
         raise CxrError(f"experiment '{(root / plan.name).resolve()}' already exists; continue it with "
                        f"`cxr-search resume {(root / plan.name).resolve()}` or pick another --name.")

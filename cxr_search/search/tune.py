@@ -54,6 +54,7 @@ GPU_PEAK_GIB: dict[str, float] = {
 TRIAL_GPU_SHARE_MAX = 4  # never pack more than 4 trials on a GPU: throughput gains stop (DESIGN.md: 1.18x at 4)
 KEY = "trial_key"  # the config label naming a trial's folder (see the module docstring)
 TPE_STARTUP = 10  # TPE's random startup trials (Optuna's default), drawn per trial number here
+DRIVER_CPUS = 0.1  # a data-parallel trial's own process waits on its Ray Train run: a slice of a CPU
 ADDRESS_TIMEOUT_S = 10.0  # a cluster's GCS port must accept a TCP connection within this, seconds
 PENDING_NOTE_S = 180.0  # a trial waiting this long for resources gets a printed reason (PendingWatch), seconds
 
@@ -68,17 +69,27 @@ def gpu_fraction(backbone: str, gpu_memory_gib: float) -> float:
 
 
 class TrialResources:
-    """Per-trial resource request (a picklable callable for `tune.with_resources`)."""
+    """Per-trial resource request (a picklable callable for `tune.with_resources`).
 
-    def __init__(self, cpus: float, gpus: str | float, gpu_memory_gib: float = 0.0):
-        self.cpus, self.gpus, self.gpu_memory_gib = cpus, gpus, gpu_memory_gib
+    With `workers` > 1 the trial's own process only drives a Ray Train run (`DRIVER_CPUS`); Train reserves
+    `cpus`/`gpus` for each of its workers itself.
+    """
+
+    def __init__(self, cpus: float, gpus: str | float, gpu_memory_gib: float = 0.0, workers: int = 1):
+        self.cpus, self.gpus, self.gpu_memory_gib, self.workers = cpus, gpus, gpu_memory_gib, workers
 
     def __call__(self, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        if self.workers > 1:
+            return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
+        return tune.PlacementGroupFactory([self.worker_bundle(config.get("backbone", TrialConfig.backbone))])
+
+    def worker_bundle(self, backbone: str) -> dict[str, float]:
+        """What one training process of a trial holds: CPUs, and GPUs if any."""
         bundle = {"CPU": self.cpus}
-        gpus = self.gpus_for(config.get("backbone", TrialConfig.backbone))
+        gpus = self.gpus_for(backbone)
         if gpus > 0:
             bundle["GPU"] = gpus
-        return tune.PlacementGroupFactory([bundle])
+        return bundle
 
     def gpus_for(self, backbone: str) -> float:
         if self.gpus == "auto":
@@ -91,7 +102,7 @@ class TrialResources:
 
 
 def trial_resources(spec: SearchSpec) -> TrialResources:
-    return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib())
+    return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib(), spec.workers_per_trial)
 
 
 def check_trial_resources(spec: SearchSpec, *, address: str | None) -> list[str]:
@@ -170,8 +181,11 @@ def _may_autoscale() -> bool:
 
 def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: str, mode: str,
                 checkpoint_every: int = 1, checkpoint_every_s: float | None = None,
-                faults: tuple = ()) -> None:
+                faults: tuple = (), resources: TrialResources | None = None, max_failures: int = 2) -> None:
     """Tune function trainable: one `engine.fit` into the trial's folder, reporting every epoch.
+
+    A trial with `resources.workers` > 1 runs as a Ray Train `TorchTrainer` (DistributedDataParallel) of that
+    many workers instead (`_fit_data_parallel`): the same engine loop and model folder, reported to Tune from rank 0.
 
     Args:
         config: Tune's resolved trial config (TrialConfig fields plus labels such as `variant`, `trial_key`).
@@ -180,11 +194,13 @@ def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: 
         metric, mode: the objective; every report carries the trial's best value so far as `best_<metric>`.
         checkpoint_every, checkpoint_every_s: how often resume states are written (`engine.fit`).
         faults: test-only fault injection (from `$CXR_SEARCH_FAULTS` in the driver).
+        resources: the trial's resources (workers per trial, CPUs and GPUs per worker).
+        max_failures: restarts of a data-parallel trial's worker group before the trial fails (then Tune retries).
     """
     from cxr_search import engine
 
     cfg = TrialConfig.from_dict(trial_fields(config), source="Tune trial config")  # built once
-    folder = Path(stage) / f"{experiment.TRIAL_PREFIX}{config[KEY]}"
+    folder = storage.path(stage) / f"{experiment.TRIAL_PREFIX}{config[KEY]}"
     objective = Objective(metric, mode)
     saved = storage.read_json(folder / engine.CONFIG_FILE) if (folder / engine.CONFIG_FILE).is_file() else None
     if saved is not None and TrialConfig.from_dict(saved, source=str(folder)) != cfg:
@@ -199,11 +215,64 @@ def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: 
         # Ended in an earlier attempt that died before Tune heard of it: tell Tune its last epoch, train nothing.
         report(dict(state["history"][-1]), list(state["history"]))
         return
+    if resources is not None and resources.workers > 1:
+        _fit_data_parallel(cfg, data, folder, objective, resources, max_failures,
+                           {"checkpoint_every": checkpoint_every, "checkpoint_every_s": checkpoint_every_s,
+                            "faults": faults})
+        return
     try:
         engine.fit(cfg, data, report=report, checkpoint_dir=folder, checkpoint_every=checkpoint_every,
                    checkpoint_every_s=checkpoint_every_s, faults=faults)
     finally:
         _free_gpu_memory()
+
+
+def _fit_data_parallel(cfg: TrialConfig, data: PreparedData, folder: storage.Location, objective: Objective,
+                       resources: TrialResources, max_failures: int, fit_options: dict[str, Any]) -> None:
+    """One trial as a Ray Train V2 `TorchTrainer` nested in this Tune function trainable (DESIGN.md, Ray facts).
+
+    Each worker runs `engine.fit(..., data_parallel=True)` on its shard; rank 0 writes the model folder, and
+    `TuneReportCallback` passes rank 0's reports to Tune, so ASHA and Optuna see the trial as any other. A worker
+    that dies takes the group down; Train restarts it (`max_failures`) and every worker resumes from the model
+    folder, as a retried single-process trial does. Train keeps no checkpoint of its own (the folder is the
+    checkpoint); its run records go to `<trial folder>/ray_train`.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    bundle = resources.worker_bundle(cfg.backbone)
+    trainer = TorchTrainer(
+        _data_parallel_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "data": ray.put(data), "folder": str(folder),
+                           "objective": (objective.metric, objective.mode), **fit_options},
+        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu="GPU" in bundle,
+                                     resources_per_worker=bundle),
+        run_config=RunConfig(name="ray_train", storage_path=str(folder), callbacks=[TuneReportCallback()],
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    trainer.fit()
+
+
+def _data_parallel_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel trial: `engine.fit` on its shard, reporting every epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from cxr_search import engine
+
+    cfg = TrialConfig.from_dict(loop["cfg"], source="data-parallel trial config")
+    objective = Objective(*loop["objective"])
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.torch.get_device())  # this worker's GPU ("cuda" means the current one)
+
+    def report(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        ray.train.report({**metrics, objective.column: objective.best(h.get(objective.metric) for h in history)})
+
+    engine.fit(cfg, ray.get(loop["data"]), report=report, checkpoint_dir=storage.path(loop["folder"]),
+               checkpoint_every=loop["checkpoint_every"], checkpoint_every_s=loop["checkpoint_every_s"],
+               faults=loop["faults"], data_parallel=True)
 
 
 def _free_gpu_memory() -> None:
@@ -222,8 +291,8 @@ class TrialEventLog(tune.Callback):
     Trials a stopped run leaves behind (Ctrl-C, SIGTERM) get no event: they did not end, `resume` continues them.
     """
 
-    def __init__(self, stage_dir: Path):
-        self.stage_dir = Path(stage_dir)
+    def __init__(self, stage_dir: storage.Location):
+        self.stage_dir = storage.path(stage_dir)
 
     def _record(self, trial: Any, event: str, **info: Any) -> None:
         experiment.record_trial_event(self.stage_dir, str(trial.config[KEY]), event,
@@ -284,7 +353,7 @@ def _print_now(text: str) -> None:
 def _first_error_line(trial: Any) -> str:
     path = getattr(trial, "error_file", None) or ""
     try:
-        text = Path(path).read_text() if path else ""
+        text = storage.path(path).read_text() if path else ""
     except OSError:
         text = ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
@@ -379,9 +448,15 @@ def trial_key(number: int) -> str:
 optuna_storage = experiment.journal_storage
 
 
-def repair_journal(journal: Path) -> bytes:
+def repair_journal(journal: storage.Location) -> bytes:
     """Cut a journal tail a killed driver left mid-append (it would corrupt the next append); a stale lock
-    file of the dead driver is removed too. Call only when no other process writes the journal."""
+    file of the dead driver is removed too; on an object store the parts are compacted into one (nothing is ever
+    cut there). Call only when no other process writes the journal."""
+    if storage.is_remote(journal):
+        from cxr_search.journal import ObjectStoreJournal
+
+        ObjectStoreJournal(journal).compact()
+        return b""
     cut = storage.repair_tail(journal)
     if cut:
         storage.atomic_write(journal.with_name(journal.name + ".cut"), lambda tmp: tmp.write_bytes(cut))
@@ -399,7 +474,7 @@ class JournalState:
     total: int  # every trial in the study
 
 
-def reconcile_journal(stage_dir: Path, journal: Path, study_name: str, objective: Objective,
+def reconcile_journal(stage_dir: storage.Location, journal: storage.Location, study_name: str, objective: Objective,
                       space: dict[str, Any] | None = None) -> JournalState:
     """Bring the Optuna journal and the event log in line with the trial folders before a launch.
 
@@ -413,7 +488,7 @@ def reconcile_journal(stage_dir: Path, journal: Path, study_name: str, objective
     import optuna
     from optuna.trial import TrialState
 
-    if not journal.is_file():
+    if not (journal.is_dir() if storage.is_remote(journal) else journal.is_file()):
         return JournalState(0, (), 0)
     repair_journal(journal)
     study = optuna.load_study(study_name=study_name, storage=optuna_storage(journal))
@@ -495,7 +570,7 @@ def planned_param_space(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return space
 
 
-def ended_keys(stage_dir: Path) -> set[str]:
+def ended_keys(stage_dir: storage.Location) -> set[str]:
     """Keys of the stage's trials that ended (finished, stopped or failed), from the folders and the event log."""
     events = experiment.trial_events(stage_dir)
     return {t.trial_id for t in experiment.trial_dirs(stage_dir)
@@ -522,7 +597,7 @@ class StageOptions:
     # freed for sure only when its process ends)
 
 
-def run_optuna_stage(stage_dir: Path, spec: SearchSpec, data: PreparedData, options: StageOptions,
+def run_optuna_stage(stage_dir: storage.Location, spec: SearchSpec, data: PreparedData, options: StageOptions,
                      study_name: str) -> int:
     """Run (or continue) an Optuna search in `stage_dir` until `spec.num_samples` trials have ended.
 
@@ -555,7 +630,7 @@ def optuna_space(spec: SearchSpec) -> dict[str, Any]:
     return OptunaSearch.convert_search_space({p.name: tune_domain(p) for p in spec.params})
 
 
-def run_planned_stage(stage_dir: Path, runs: dict[str, dict[str, Any]], data: PreparedData,
+def run_planned_stage(stage_dir: storage.Location, runs: dict[str, dict[str, Any]], data: PreparedData,
                       options: StageOptions) -> int:
     """Run (or continue) the planned trials `runs` (key -> config) in `stage_dir` that have not ended.
 
@@ -571,7 +646,7 @@ def run_planned_stage(stage_dir: Path, runs: dict[str, dict[str, Any]], data: Pr
     return len(todo)
 
 
-def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searcher: Any, num_samples: int,
+def _fit(stage_dir: storage.Location, data: PreparedData, param_space: dict[str, Any], searcher: Any, num_samples: int,
          options: StageOptions, concurrency_in_searcher: bool = False) -> None:
     from cxr_search import engine
 
@@ -579,7 +654,8 @@ def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searc
     trainable = tune.with_parameters(
         train_trial, data=data, stage=str(stage_dir), metric=options.objective.metric,
         mode=options.objective.mode, checkpoint_every=options.checkpoint_every,
-        checkpoint_every_s=options.checkpoint_every_s, faults=engine.faults_from_env())
+        checkpoint_every_s=options.checkpoint_every_s, faults=engine.faults_from_env(),
+        resources=options.resources, max_failures=max(1, options.max_failures))
     tuner = tune.Tuner(
         tune.with_resources(trainable, options.resources),
         param_space=param_space,
@@ -587,7 +663,7 @@ def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searc
             metric=options.objective.metric, mode=options.objective.mode, search_alg=searcher,
             scheduler=options.scheduler or FIFOScheduler(), num_samples=num_samples,
             max_concurrent_trials=None if concurrency_in_searcher else options.max_concurrent_trials,
-            reuse_actors=(not options.resources.uses_gpu) if options.reuse_actors is None else options.reuse_actors,
+            reuse_actors=_reuse_actors(options),
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -600,6 +676,14 @@ def _fit(stage_dir: Path, data: PreparedData, param_space: dict[str, Any], searc
     )
     with interrupt.tune_run():
         tuner.fit()
+
+
+def _reuse_actors(options: StageOptions) -> bool:
+    """Reuse trial processes only for single-process CPU trials: a GPU trial's memory is freed for sure only when
+    its process ends, and a data-parallel trial's process cannot be reset after its Ray Train run."""
+    if options.reuse_actors is not None:
+        return options.reuse_actors
+    return not options.resources.uses_gpu and options.resources.workers == 1
 
 
 def trial_dirname(trial: Any) -> str:
@@ -645,7 +729,13 @@ def stage_options(spec: SearchSpec, *, scheduler: Any = None, resources: TrialRe
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              quiet: bool = True) -> None:
-    """Start a local Ray (dashboard off, bound to 127.0.0.1 if on) or join a cluster (`auto`, `ray://host:10001`)."""
+    """Start a private local Ray or join a cluster (`auto`, `HOST:PORT`, `ray://host:10001`).
+
+    The local Ray listens on 127.0.0.1 only (every port: GCS, raylets, workers, agents; no dashboard) and uses
+    Ray's token authentication (on by default for a new local Ray since 2.52; the token is ~/.ray/auth_token).
+    An address on 127.0.0.1 joins a Ray whose nodes were started on loopback (`ray start --node-ip-address
+    127.0.0.1`, as tests/test_cluster.py does), keeping the driver on loopback too.
+    """
     if ray.is_initialized():
         return
     # Our SIGINT/SIGTERM handler asks Tune to stop (SIGUSR1) and remembers which signal it was.
@@ -654,6 +744,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # search/console.py speaks to people instead
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address is None or _on_loopback(address):
+        _keep_loopback()
     if address:
         check_address(address)
         try:
@@ -667,6 +759,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=not quiet, configure_logging=True, logging_level=logging.ERROR if quiet else logging.INFO)
     interrupt.reinstall()
+
+
+def _on_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _keep_loopback() -> None:
+    """Make Ray keep 127.0.0.1 as this machine's node address, so that every server binds to loopback only.
+
+    Ray 2.60 binds its gRPC servers to 0.0.0.0 unless the node IP is exactly 127.0.0.1, and on Linux it replaces
+    127.0.0.1 by the routed IP (`services.resolve_ip_for_localhost`) unless multi-machine clusters are switched
+    off, which its `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` does (DESIGN.md, Ray facts). The variable is read when
+    Ray is imported, so the already imported constant is set too; the variable reaches the processes Ray starts.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_address(address: str) -> None:

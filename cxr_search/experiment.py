@@ -369,9 +369,10 @@ def _budget_line(spec: SearchSpec, data: dict[str, Any], data_dir: str | None, t
 
 
 # Training images per second of one CPU thread at 80 px, batch 32, bf16 autocast, per backbone: measured on the
-# 2-core dev VM (AMD EPYC with AVX512-BF16) while other jobs ran, so rough; `estimate_seconds` scales them.
+# 2-core dev VM (AMD EPYC with AVX512-BF16), most while other jobs ran, so rough (inception_v3: 72-77 measured
+# idle, two trials at once); `estimate_seconds` scales them.
 CPU_IMG_PER_S_80PX = {"cnn3": 230.0, "alexnet": 330.0, "vgg16": 10.0, "vgg19": 7.0, "resnet34": 44.0,
-                      "resnet50": 11.0, "inception_v3": 40.0, "xception": 35.0, "densenet121": 34.0}
+                      "resnet50": 11.0, "inception_v3": 70.0, "xception": 35.0, "densenet121": 34.0}
 _EVAL_COST = 0.35  # an evaluated image costs about a third of a trained one (no backward pass)
 _TRIAL_START_S = 10.0  # process, model build, first batch
 

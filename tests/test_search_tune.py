@@ -254,8 +254,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(ray_session, 
     assert_journal_matches_results(exp, df)
 
 
-# SIGINT (Ctrl-C) here; SIGTERM during the search is the remote-storage test's stop, and during the retrain below.
-@pytest.mark.parametrize("sig", [signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_search_stops_cleanly_and_resume_finishes_it(ray_session, tiny_space, cache, tmp_path,
                                                                         sig):
     storage = tmp_path / "exps"

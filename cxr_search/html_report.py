@@ -260,11 +260,20 @@ def build_report(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
         f"<title>cxr-search report: {html.escape(plan.name)}</title><style>{_STYLE}</style>{head_script}</head>",
         "<body><header>", f"<h1>cxr-search report: {html.escape(plan.name)}</h1>",
         f"<p>{html.escape(str(exp.path))}<br>Budget {html.escape(plan.budget)}; stages planned: "
-        f"{html.escape(', '.join(plan.stages))}; done: {html.escape(', '.join(plan.completed) or 'none')}; "
+        f"{html.escape(', '.join(plan.stages))}; done: {html.escape(', '.join(plan.completed) or 'none')}"
+        f"{html.escape(_run_on_their_own(exp))}; "
         f"objective: {html.escape(exp.objective.describe())}. Written "
         f"{dt.datetime.now().isoformat(timespec='seconds')}.</p>",
         notes, f"<nav>{nav}</nav></header><main>", *body, "</main>",
         f"<script>{_SORT_SCRIPT}</script></body></html>"])
+
+
+def _run_on_their_own(exp: Experiment) -> str:
+    """'; also run on their own: ...' for stages outside the plan whose outputs exist (`cxr-search retrain` or
+    `ensemble` after a run), so the header does not contradict the sections below it."""
+    found = {"retrain": not report.seed_summary(exp).empty, "ensemble": report.read_ensemble(exp.path) is not None}
+    extra = [s for s, there in found.items() if there and s not in exp.plan.completed]
+    return f"; also run on their own: {', '.join(extra)}" if extra else ""
 
 
 def write_report(exp_dir: str | Path, out: str | Path | None = None, *, n_resamples: int = 1000) -> storage.Location:

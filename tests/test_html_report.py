@@ -98,6 +98,8 @@ def test_report_tables_are_the_summarys_and_the_ensemble_is_replayed_exactly(smo
     cells = {c.strip() for line in summary.splitlines() if line.startswith("| ") for c in line.strip("|").split("|")}
     missing = [c for c in cells if c and f">{c.replace('<', '&lt;').replace('>', '&gt;')}<" not in page]
     assert not missing, f"summary.md cells absent from the report: {missing[:5]}"
+    # the header says the stages run on their own after the search (the plan had only the search)
+    assert "done: search; also run on their own: retrain, ensemble;" in page
     assert page.index('id="data"') < page.index('id="search"') < page.index('id="seeds"') < page.index('id="ensemble"')
 
     ens = report.ensemble_predictions(full)

@@ -32,7 +32,7 @@ metric: val_loss
 mode: min
 searcher: {type: optuna, seed: 0}
 scheduler: {type: asha, max_t: 2, grace_period: 1, reduction_factor: 2}
-num_samples: 2
+num_samples: 1
 max_concurrent_trials: 1
 resources: {cpu: 0.5, gpu: 0, workers: 2}
 data: {size: 32, n_images: 120}

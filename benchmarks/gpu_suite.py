@@ -7,7 +7,7 @@ after every part, so a run cut short keeps what it measured):
   startup     a fresh process per trial, as Ray starts one for each GPU trial: process start -> first training
               step finished (imports, data, model + ImageNet weights, to the GPU, cuDNN autotune)
   ray         Ray Tune overhead with 4 trials packed on the GPU (`ray_overhead.measure`, fresh process per trial)
-  study       a reduced whole study through `run_pipeline` (seed_grid: the nine-backbone table and the fine-tuning
+  study       a reduced whole study through `run_pipeline` (study: the nine-backbone table and the fine-tuning
               grid, retrain of the best over seeds, ensemble), measured end to end, and its projection to the
               full study (19 runs + 50 seeds on 6,432 images); the formula and its inputs are in the JSON
   compile     only with --compile BACKBONES: torch.compile's compile time and img/s at batch 32 (a measuring
@@ -81,14 +81,14 @@ GPU = Sizes(
     startup_backbones=("inception_v3", "resnet34"), startup_runs=2,
     ray_backbone="resnet34", ray_trials=8, ray_epochs=3, ray_concurrency=4, ray_cpus_per_trial=2,
     ray_gpus_per_trial=0.25,
-    study_space="seed_grid", study_images=1608, study_epochs=2, study_seeds=4, study_variants=0, study_backbone="",
+    study_space="study", study_images=1608, study_epochs=2, study_seeds=4, study_variants=0, study_backbone="",
     full_epochs=(20, 40, 100), budget_s=420,
 )
 SMOKE = Sizes(
     backbones=("cnn3",), image_size=32, throughput_images=64, warmup=1, steps=2, engine_batches=(8, 16),
     workers=0, startup_backbones=("cnn3",), startup_runs=1,
     ray_backbone="cnn3", ray_trials=2, ray_epochs=1, ray_concurrency=2, ray_cpus_per_trial=1, ray_gpus_per_trial=0,
-    study_space="seed_grid", study_images=120, study_epochs=1, study_seeds=2, study_variants=3, study_backbone="cnn3",
+    study_space="study", study_images=120, study_epochs=1, study_seeds=2, study_variants=3, study_backbone="cnn3",
     full_epochs=(20, 100), budget_s=600,
 )
 

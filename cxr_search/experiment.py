@@ -242,9 +242,13 @@ def plan_run(
     elif not gpu_available and not full:
         budget = dict(spec.cpu_budget)
     budget_name = "smoke size" if smoke else "CPU budget"
-    # The study retrained its best configuration 50 times; a budget scales this down (and says so).
-    top_k = top_k if top_k is not None else budget.get("top_k", 1)
-    seeds = seeds if seeds is not None else budget.get("seeds", 50)
+    # The study retrained its best configuration 50 times; a space's `pipeline` may say otherwise, a budget scales
+    # it down (and says so), the command line decides last.
+    stages_after = {"top_k": 1, "seeds": 50, **spec.pipeline,
+                    **{k: v for k, v in budget.items() if k in ("top_k", "seeds", "retrain_max_epochs")}}
+    top_k = top_k if top_k is not None else stages_after["top_k"]
+    seeds = seeds if seeds is not None else stages_after["seeds"]
+    retrain_max_epochs = max_epochs if max_epochs is not None else stages_after.get("retrain_max_epochs")
     if smoke:
         notes.append("smoke size: a few tiny trials to check the pipeline end to end (numbers mean nothing)")
     elif budget:
@@ -271,16 +275,16 @@ def plan_run(
         raise CxrError(f"{spec.source}: data.size must be >= 1 pixel, got {size}.")
     notes += space_notes(effective, size)
     budget_kind = "smoke" if smoke else ("cpu" if budget else ("explicit" if num_samples or max_epochs else "full"))
-    cli = {"num_samples": num_samples, "max_epochs": max_epochs, "top_k": top_k if top_k is not None and
-           top_k != budget.get("top_k", 1) else None, "seeds": seeds if seeds != budget.get("seeds", 50) else None}
-    notes.append(_budget_line(effective, data, data_dir, int(top_k), int(seeds),
-                              max_epochs if max_epochs is not None else budget.get("retrain_max_epochs"),
+    cli = {"num_samples": num_samples, "max_epochs": max_epochs,
+           "top_k": top_k if top_k != stages_after["top_k"] else None,
+           "seeds": seeds if seeds != stages_after["seeds"] else None}
+    notes.append(_budget_line(effective, data, data_dir, int(top_k), int(seeds), retrain_max_epochs,
                               budget, budget_name, cli))
     return Plan(
         name=name or f"{spec.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}",
         space=effective, data=DataConfig(data_dir=data_dir, **data), stages=tuple(stages), top_k=int(top_k),
-        seeds=int(seeds), retrain_max_epochs=max_epochs if max_epochs is not None else budget.get("retrain_max_epochs"),
-        ensemble_members=max(3, int(top_k)), budget=budget_kind, notes=tuple(notes), address=address,
+        seeds=int(seeds), retrain_max_epochs=retrain_max_epochs,
+        ensemble_members=spec.pipeline.get("ensemble_members", max(3, int(top_k))), budget=budget_kind, notes=tuple(notes), address=address,
         storage=_storage_root(storage) if storage is not None else None, num_cpus=num_cpus,
     )
 

@@ -27,15 +27,22 @@ SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
 # Keys a search space may put in a trial's config that are labels, not TrialConfig fields.
 LABEL_KEYS = ("variant", "trial_key")
+RENAMED = {"seed_grid": "study"}  # shipped spaces that changed name: old -> new
 
 TOP_KEYS = (
     "name", "description", "metric", "mode", "searcher", "scheduler", "num_samples", "max_concurrent_trials",
     "resources", "checkpoint_every", "checkpoint_every_s", "max_failures", "max_trials", "data", "trial", "params", "variants", "cpu_budget",
+    "pipeline",
 )
 DATA_KEYS = ("size", "equalize", "val_fraction", "n_images", "seed", "resplit", "duplicate_policy")
 CPU_BUDGET_KEYS = ("n_images", "size", "num_samples", "max_trials", "max_epochs", "grace_period",
                    "max_concurrent_trials",
                    "top_k", "seeds", "retrain_max_epochs", "params", "trial")
+
+# The stages after the search, as a space may fix them (the command line and a CPU budget override them):
+# retrain the top `top_k` configurations over `seeds` seeds, each for up to `retrain_max_epochs` (default: the
+# trials' max_epochs), and let the top `ensemble_members` distinct search models vote.
+PIPELINE_KEYS = ("top_k", "seeds", "retrain_max_epochs", "ensemble_members")
 
 _TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
 
@@ -108,8 +115,9 @@ class SearchSpec:
     data: dict[str, Any]
     trial: dict[str, Any]  # fixed TrialConfig fields
     params: tuple[ParamSpec, ...]
-    variants: tuple[tuple[str, dict[str, Any]], ...] = ()  # named grid points (seed_grid.yaml)
+    variants: tuple[tuple[str, dict[str, Any]], ...] = ()  # named grid points (study.yaml)
     cpu_budget: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, int] = field(default_factory=dict)  # PIPELINE_KEYS the file sets
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML as loaded, written back as run
     checkpoint_every_s: float | None = None  # also seconds between resume states; None: automatic (<= ~10% cost)
@@ -186,6 +194,9 @@ def resolve(name_or_path: str | Path) -> Path:
     candidate = search_spaces_dir() / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
+    if str(name_or_path) in RENAMED:
+        raise CxrError(f"search space '{name_or_path}' is now called '{RENAMED[str(name_or_path)]}' "
+                       f"(same grid, plus the 50-seed retrain and the ensemble): `cxr-search run {RENAMED[str(name_or_path)]}`.")
     hint = difflib.get_close_matches(str(name_or_path), known(), n=1)
     fix = f"Did you mean '{hint[0]}'?" if hint else f"Known: {', '.join(known())}, or a path to a .yaml file."
     raise CxrError(f"unknown search space '{name_or_path}'. {fix}")
@@ -321,6 +332,14 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
     for name, dom in (budget.get("params") or {}).items():
         _parse_param(name, dom, f"{src}: cpu_budget")
 
+    pipeline = raw.get("pipeline", {}) or {}
+    _require_mapping(pipeline, "pipeline", src)
+    _check_keys(pipeline, PIPELINE_KEYS, src, "pipeline")
+    pipeline = {key: _get(pipeline, key, int, src, None, "pipeline") for key in pipeline if pipeline[key] is not None}
+    for key, value in pipeline.items():
+        if value < 1:
+            raise CxrError(f"{src}: pipeline.{key} must be >= 1, got {value}.")
+
     num_samples = _get(raw, "num_samples", int, src, 1)
     max_conc = raw.get("max_concurrent_trials")
     if max_conc is not None:
@@ -362,6 +381,7 @@ def parse_space(raw: dict[str, Any], src: str) -> SearchSpec:
         params=params,
         variants=variants,
         cpu_budget=dict(budget),
+        pipeline=pipeline,
         description=str(raw.get("description", "")),
         raw=raw,
     )

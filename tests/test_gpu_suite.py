@@ -40,7 +40,7 @@ def test_smoke_suite_measures_every_part_and_projects_the_study(tmp_path):
     measured = study["measured"]
     assert study["search_trials_run"] == report["sizes"]["study_variants"]
     assert study["retrain_seeds_run"] == report["sizes"]["study_seeds"]
-    assert study["full"]["trials"] == {"search": 19, "retrain": 50}  # seed_grid's 19 study runs, 50 seeds
+    assert study["full"]["trials"] == {"search": 19, "retrain": 50}  # study.yaml's 19 grid points, 50 seeds
     assert set(study["projected_s_by_epochs"]) == {str(e) for e in report["sizes"]["full_epochs"]}
     assert "D_t = w_t + (E*k - e_t) * epoch_t" in study["formula"]
     assert {c["check"].split(",")[0] for c in report["checks"]} >= {

@@ -41,7 +41,7 @@ def _write(tmp_path, text: str):
     return path
 
 
-@pytest.mark.parametrize("name", ["inception", "backbones", "seed_grid"])
+@pytest.mark.parametrize("name", ["inception", "backbones", "study"])
 def test_shipped_spaces_load_and_sample_valid_trial_configs(name):
     spec = load_space(name)
     assert spec.metric.startswith("val_")
@@ -56,11 +56,11 @@ def test_shipped_spaces_load_and_sample_valid_trial_configs(name):
 
 
 def test_known_lists_the_shipped_spaces():
-    assert {"inception", "backbones", "seed_grid"} <= set(known())
+    assert {"inception", "backbones", "study"} <= set(known())
 
 
-def test_seed_grid_reproduces_the_study_tables_point_by_point():
-    spec = load_space("seed_grid")
+def test_the_study_space_reproduces_the_study_tables_point_by_point():
+    spec = load_space("study")
     points = {cfg["variant"]: cfg for cfg in spec.planned_trials()}
     finetune = pd.read_csv(reference_dir() / "study_inception_finetuning.csv", dtype={"variant": str})
     for row in finetune.itertuples():
@@ -77,6 +77,40 @@ def test_seed_grid_reproduces_the_study_tables_point_by_point():
     ours = {cfg["backbone"] for name, cfg in points.items() if name.startswith("backbone_")}
     assert ours == {"densenet121" if m == "densenet" else m for m in backbones["model"]}
     assert len(points) == len(finetune) + len(backbones)
+
+
+def test_the_whole_study_is_one_plan_at_the_study_settings(monkeypatch):
+    from cxr_search import experiment
+
+    monkeypatch.setattr(experiment.weights, "require_available", lambda pairs: None)  # staged: see test_weights
+    plan = experiment.plan_run("study", gpu_available=True)
+    trials = plan.space.planned_trials()
+    assert len(trials) == 19 and plan.space.scheduler.kind == "fifo"  # both tables, every point to its end
+    assert plan.data.size == 128
+    assert {(t["max_epochs"], t["patience"], t["batch_size"]) for t in trials} == {(100, 10, 32)}
+    assert {t["pretrained"] for t in trials if t["backbone"] != "cnn3"} == {"imagenet"}
+    # then the best configuration over 50 seeds, for as long as the study trained, and the ensemble
+    assert (plan.top_k, plan.seeds, plan.retrain_max_epochs, plan.ensemble_members) == (1, 50, None, 3)
+    assert plan.stages == experiment.STAGES
+    assert "retrain top 1 x 50 seeds" in plan.notes[-1]
+    # the command line and the CPU budget still decide over the file's pipeline section
+    assert experiment.plan_run("study", gpu_available=True, seeds=5, top_k=2).seeds == 5
+    cpu = experiment.plan_run("study")
+    assert (cpu.seeds, cpu.retrain_max_epochs) == (2, 2)
+
+
+def test_a_pipeline_section_sets_the_stages_after_the_search_and_typos_name_the_key(tmp_path):
+    from cxr_search.experiment import plan_run
+
+    plan = plan_run(_write(tmp_path, GOOD + "pipeline: {top_k: 2, seeds: 3, retrain_max_epochs: 5, "
+                                             "ensemble_members: 4}\n"), full=True)
+    assert (plan.top_k, plan.seeds, plan.retrain_max_epochs, plan.ensemble_members) == (2, 3, 5, 4)
+    with pytest.raises(CxrError, match=r"pipeline\.seed.*'seeds'"):
+        load_space(_write(tmp_path, GOOD + "pipeline: {seed: 3}\n"))
+    with pytest.raises(CxrError, match=r"pipeline\.seeds must be >= 1"):
+        load_space(_write(tmp_path, GOOD + "pipeline: {seeds: 0}\n"))
+    with pytest.raises(CxrError, match="now called 'study'"):
+        load_space("seed_grid")
 
 
 def test_domains_translate_to_tune(tmp_path):

@@ -181,7 +181,7 @@ def test_every_imagenet_source_is_a_known_download_for_its_architecture():
         assert cfg.hf_hub_id or cfg.url, f"timm would build random weights for {source.tag}"
 
 
-@pytest.mark.parametrize("name", ["inception", "backbones", "seed_grid"])
+@pytest.mark.parametrize("name", ["inception", "backbones", "study"])
 def test_full_budget_spaces_fine_tune_imagenet_weights_and_the_cpu_budget_does_not(name):
     from cxr_search.space import load_space
 

@@ -10,8 +10,9 @@ after every part, so a run cut short keeps what it measured):
   study       a reduced whole study through `run_pipeline` (study: the nine-backbone table and the fine-tuning
               grid, retrain of the best over seeds, ensemble), measured end to end, and its projection to the
               full study (19 runs + 50 seeds on 6,432 images); the formula and its inputs are in the JSON
-  compile     only with --compile BACKBONES: torch.compile's compile time and img/s at batch 32 (a measuring
-              hook for CUDA-graph / compile work; off by default, it costs 30-90 s per backbone)
+  compile     batch 32 trained as `compile: on` trains it (CUDA graphs) and eagerly, the compile's cost cold
+              and from the cache, and the steps that win it back (against `compile: auto`'s threshold);
+              inception_v3 by default, `--compile A,B` for others (30-90 s each)
 ImageNet weights cannot be downloaded on an offline GPU host: the suite stages placeholder weights (random
 values, the real shapes) in its own folder; speed does not depend on the values.
 
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -72,6 +74,8 @@ class Sizes:
     study_backbone: str  # "" keeps the space's backbones; smoke forces a tiny one (random weights)
     full_epochs: tuple[int, ...]  # epochs per full-study run the projection is given for
     budget_s: float  # a part that would start later than this is skipped
+    compile_backbones: tuple[str, ...]  # measured compiled and eager at batch 32 (`--compile` replaces them)
+    compile_backend: str  # Inductor; the smoke run only checks the part's code (no minutes of C++ compiling)
 
 
 GPU = Sizes(
@@ -82,14 +86,14 @@ GPU = Sizes(
     ray_backbone="resnet34", ray_trials=8, ray_epochs=3, ray_concurrency=4, ray_cpus_per_trial=2,
     ray_gpus_per_trial=0.25,
     study_space="study", study_images=1608, study_epochs=2, study_seeds=4, study_variants=0, study_backbone="",
-    full_epochs=(20, 40, 100), budget_s=420,
+    full_epochs=(20, 40, 100), budget_s=420, compile_backbones=("inception_v3",), compile_backend="inductor",
 )
 SMOKE = Sizes(
     backbones=("cnn3",), image_size=32, throughput_images=64, warmup=1, steps=2, engine_batches=(8, 16),
     workers=0, startup_backbones=("cnn3",), startup_runs=1,
     ray_backbone="cnn3", ray_trials=2, ray_epochs=1, ray_concurrency=2, ray_cpus_per_trial=1, ray_gpus_per_trial=0,
     study_space="study", study_images=120, study_epochs=1, study_seeds=2, study_variants=3, study_backbone="cnn3",
-    full_epochs=(20, 100), budget_s=600,
+    full_epochs=(20, 100), budget_s=600, compile_backbones=("cnn3",), compile_backend="aot_eager",
 )
 
 
@@ -159,7 +163,12 @@ def startup_child(payload: dict) -> None:
     engine.train_step = first_step
     with contextlib.suppress(_FirstStepDone):
         engine.fit(cfg, data)
-    print(json.dumps({"t_main": t_main, "t_imports": t_imports, "t_data": t_data, "t_first_step": first["t"]}))
+    # What a reused trial process would inherit from this trial (Tune's reuse_actors): GPU memory still held by
+    # tensors once fit() has returned; 0 proves the next trial in this process starts with the whole GPU share.
+    gc.collect()
+    left = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    print(json.dumps({"t_main": t_main, "t_imports": t_imports, "t_data": t_data, "t_first_step": first["t"],
+                      "gpu_bytes_left": left}))
 
 
 def part_startup(sizes: Sizes, device, data_npz: Path, pretrained_of, report: dict) -> dict:
@@ -178,11 +187,13 @@ def part_startup(sizes: Sizes, device, data_npz: Path, pretrained_of, report: di
                    "process_to_first_step_s": round(t["t_first_step"] - t_spawn, 2),
                    "interpreter_and_imports_s": round(t["t_imports"] - t_spawn, 2),
                    "data_s": round(t["t_data"] - t["t_imports"], 2),
-                   "model_weights_device_first_step_s": round(t["t_first_step"] - t["t_data"], 2)}
+                   "model_weights_device_first_step_s": round(t["t_first_step"] - t["t_data"], 2),
+                   "gpu_mib_left_after_trial": round(t["gpu_bytes_left"] / 2**20, 1)}
             rows.append(row)
             print("startup " + "  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     return {"rows": rows, "note": "a fresh Python process per trial (Ray's default for GPU trials); the first run of "
-                                  "a backbone also pays cold file caches"}
+                                  "a backbone also pays cold file caches; gpu_mib_left_after_trial is what a reused "
+                                  "process (reuse_actors) would inherit"}
 
 
 # ---------------------------------------------------------------- part 3: Ray overhead
@@ -362,29 +373,51 @@ def part_study(sizes: Sizes, gpu: bool, phantom_dir: Path, data_s: float, work: 
     return result
 
 
-# ---------------------------------------------------------------- part 5 (optional): torch.compile hook
+# ---------------------------------------------------------------- part 5: launch overhead, compiled both ways
 
 
-def part_compile(sizes: Sizes, backbones: list[str], device, report: dict) -> dict:
+def part_compile(sizes: Sizes, backbones: list[str], device, work: Path, report: dict) -> dict:
+    """Batch 32 trained as `compile: on` trains it (CUDA graphs on a GPU) and eagerly, with the compile's cost
+    from an empty cache (a machine's first trial) and from the cache (every later trial of that backbone; measured
+    in this process after `torch._dynamo.reset()`, so a new process adds Inductor's imports), and the steps a trial
+    needs to win the compile back: `engine.COMPILE_MIN_STEPS` is what `compile: auto` assumes."""
     import throughput
+    import torch
 
+    from cxr_search import engine
     from cxr_search.config import TrialConfig
 
+    engine.COMPILE_BACKEND = sizes.compile_backend
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")  # empty: the first compile is cold
     images, labels = throughput.random_images(sizes.throughput_images, sizes.image_size)
     rows = []
     for backbone in backbones:
         cfg = TrialConfig(backbone=backbone, in_chans=3, optimizer="sgd", device=str(device), batch_size=32)
         common = dict(images=images, labels=labels, device=device, warmup=sizes.warmup, steps=sizes.steps,
                       step_only=False)
-        t0 = time.perf_counter()
-        compiled = throughput.bench_engine(cfg, compile_model=True, **common)
-        total = time.perf_counter() - t0
-        steady = (sizes.warmup + sizes.steps) * cfg.batch_size / compiled  # what the same steps cost once compiled
-        eager = throughput.bench_engine(cfg, **common)
-        rows.append({"backbone": backbone, "compiled_b32_img_per_s": round(compiled, 1),
-                     "eager_b32_img_per_s": round(eager, 1), "compile_and_warmup_s": round(total - steady, 1)})
-        print("compile " + json.dumps(rows[-1]), flush=True)
-    return {"rows": rows}
+        row: dict[str, Any] = {"backbone": backbone, "batch": cfg.batch_size, "backend": sizes.compile_backend,
+                               "mode": engine.compile_mode(cfg.replace(compile="on"), device, 0)}
+        eager_runs = [throughput.bench_engine(cfg, **common)]
+        for cache in ("cold", "warm"):
+            torch._dynamo.reset()  # as a new trial process: nothing compiled in memory, only the cache on disk
+            t0 = time.perf_counter()
+            compiled = throughput.bench_engine(cfg, compile_model=True, **common)
+            steady = (sizes.warmup + sizes.steps) * cfg.batch_size / compiled  # the same steps, once compiled
+            row[f"compile_{cache}_s"] = round(time.perf_counter() - t0 - steady, 1)
+            row[f"compiled_{cache}_img_per_s"] = round(compiled, 1)
+        eager_runs.append(throughput.bench_engine(cfg, **common))  # before and after: drift shows, and averages
+        eager = sum(eager_runs) / 2
+        row["eager_img_per_s"] = round(eager, 1)
+        row["eager_before_after_img_per_s"] = [round(r, 1) for r in eager_runs]
+        compiled = row["compiled_warm_img_per_s"]
+        saved_per_step = cfg.batch_size / eager - cfg.batch_size / compiled  # s
+        row["speedup"] = round(compiled / eager, 2)
+        for cache in ("cold", "warm"):
+            row[f"break_even_steps_{cache}"] = (round(row[f"compile_{cache}_s"] / saved_per_step)
+                                                if saved_per_step > 0 else None)  # None: compiling never pays
+        rows.append(row)
+        print("compile " + json.dumps(row), flush=True)
+    return {"rows": rows, "auto_min_steps": engine.COMPILE_MIN_STEPS, "auto_max_batch": engine.COMPILE_MAX_BATCH}
 
 
 # ---------------------------------------------------------------- driver
@@ -405,10 +438,19 @@ def checks(report: dict, device_name: str) -> list[dict]:
         value = row["process_to_first_step_s"]
         out.append({"check": f"{backbone} trial start-up s", "value": value, "target": f"<= {TARGETS['startup_s']}",
                     "ok": value <= TARGETS["startup_s"]})
+        left = row["gpu_mib_left_after_trial"]
+        out.append({"check": f"{backbone} GPU MiB held after its trial (reuse_actors safe at 0)", "value": left,
+                    "target": "== 0", "ok": left == 0})
     if "overhead_ratio" in report.get("ray", {}):
         value = report["ray"]["overhead_ratio"]
         out.append({"check": "Ray overhead, packed trials", "value": value, "target": f"<= {TARGETS['ray_overhead']}",
                     "ok": value <= TARGETS["ray_overhead"]})
+    compile_part = report.get("compile", {})
+    for row in compile_part.get("rows", []):
+        value = row["break_even_steps_warm"]
+        out.append({"check": f"{row['backbone']} compile won back within steps (warm cache)", "value": value,
+                    "target": f"<= {compile_part['auto_min_steps']} (compile: auto's threshold)",
+                    "ok": value is not None and value <= compile_part["auto_min_steps"]})
     target = TARGETS["study_s_h200"] if "H200" in device_name else TARGETS["study_s_other"]
     for epochs, value in report.get("study", {}).get("projected_s_by_epochs", {}).items():
         out.append({"check": f"whole study projected s, {epochs} epochs per run", "value": value,
@@ -420,8 +462,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=False, default=Path("gpu_suite.json"), help="JSON to write")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks that every part runs")
-    p.add_argument("--parts", default="throughput,startup,ray,study", help="comma-separated parts to run")
-    p.add_argument("--compile", default="", help="backbones to measure under torch.compile (off by default)")
+    p.add_argument("--parts", default="throughput,startup,ray,study,compile", help="comma-separated parts to run")
+    p.add_argument("--compile", default="", help="backbones the compile part measures (default: inception_v3)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     p.add_argument("--startup-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -478,14 +520,13 @@ def main() -> None:
     save()
 
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    if args.compile:
-        parts.append("compile")
+    compile_backbones = [b for b in args.compile.split(",") if b] or list(sizes.compile_backbones)
     runners = {
         "throughput": lambda: part_throughput(sizes, device, report),
         "startup": lambda: part_startup(sizes, device, data_npz, lambda b: pretrained.get(b, "none"), report),
         "ray": lambda: part_ray(sizes, device, data, work, report),
         "study": lambda: part_study(sizes, gpu, phantom_dir, data_s, work, report),
-        "compile": lambda: part_compile(sizes, [b for b in args.compile.split(",") if b], device, report),
+        "compile": lambda: part_compile(sizes, compile_backbones, device, work, report),
     }
     for part in parts:
         if time.perf_counter() - t_start > sizes.budget_s:

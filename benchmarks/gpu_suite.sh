@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU suite (issue 13) as one prepared command: per-backbone img/s of the direct port and of the engine at
-# batch 32 and 256, trial start-up, Ray overhead with 4 trials packed on the GPU, and a reduced whole-study run
-# with its projection to the full study. Under 8 minutes on one H100 or H200. Prints a summary and writes
+# batch 32 and 256, trial start-up, Ray overhead with 4 trials packed on the GPU, a reduced whole-study run
+# with its projection to the full study, and batch 32 with CUDA graphs (torch.compile) against eager, the compile
+# cold and from the cache. Under 8 minutes on one H100 or H200. Prints a summary and writes
 # OUTDIR/gpu_suite.json and OUTDIR/gpu_suite.log. Driver and options: benchmarks/gpu_suite.py.
 #
 # Device command. The GPU machine has PyTorch 2.11, timm and torchvision but no Ray, Optuna, albumentations or

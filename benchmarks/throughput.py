@@ -126,11 +126,12 @@ def bench_direct(cfg, images, labels, device, workers, warmup, steps) -> float:
 def bench_engine(cfg, images, labels, device, warmup, steps, *, step_only: bool, compile_model: bool = False) -> float:
     """The engine's path (or, with step_only, its train step on one prepared batch).
 
-    compile_model wraps the model in torch.compile (a measuring hook: its compile time falls in the warm-up).
+    compile_model trains as the engine does under `compile: on` (`engine.TrainingModel`: CUDA graphs on a GPU);
+    its compile time falls in the warm-up. A model that failed to compile raises (the figure would be eager's).
     """
     model = _fresh_model(cfg, device, channels_last=True).train()
-    if compile_model:
-        model = torch.compile(model)
+    mode = engine.compile_mode(cfg.replace(compile="on"), device, 0) if compile_model else None
+    trains = engine.TrainingModel(model, mode)
     optimizer = engine.create_optimizer(model, cfg)
     rt = engine.Runtime.for_model(model, cfg, device)
     split = engine.DeviceSplit(SplitArrays(images, labels, labels.astype(str), labels.astype(str)), device)
@@ -140,9 +141,12 @@ def bench_engine(cfg, images, labels, device, warmup, steps, *, step_only: bool,
         idx = torch.randint(0, len(split), (cfg.batch_size,), device=device)
         x = fixed if step_only else engine.model_input(split.images[idx], rt, cfg, augment=True)
         y = split.labels[: cfg.batch_size] if step_only else split.labels[idx]
-        engine.train_step(model, optimizer, x, y, rt, cfg)
+        trains.step(engine.train_step, optimizer, x, y, rt, cfg)
 
-    return _timed(step, device, warmup, steps, cfg.batch_size)
+    rate = _timed(step, device, warmup, steps, cfg.batch_size)
+    if compile_model and trains.compiled is None:
+        raise RuntimeError(f"{cfg.backbone} did not compile (the log says why)")
+    return rate
 
 
 def random_images(n_images: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

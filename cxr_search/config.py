@@ -20,6 +20,7 @@ LR_SCHEDULES = ("constant", "cosine")
 BALANCE = ("oversample", "class_weight", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILES = ("auto", "on", "off")
 
 # Allowed values for the string fields; checked by from_dict and by the search-space loader.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -31,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "balance": BALANCE,
     "device": DEVICES,
     "precision": PRECISIONS,
+    "compile": COMPILES,
 }
 
 
@@ -71,6 +73,9 @@ class TrialConfig:
     # on the 2-core dev VM), else float32; weights, optimizer state and the loss stay float32 either way
     precision: str = "auto"
     eval_batch_size: int = 256
+    # auto: train under torch.compile with CUDA graphs on a GPU where the launch overhead it removes pays for the
+    # compile (small batches, long trials: engine.compile_mode); on: always (a CPU gets plain inductor); off: never
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         self._validate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr_search import storage
+from cxr_search import paths, storage
 from cxr_search.config import TrialConfig
 from cxr_search.data.augment import augment_batch
 from cxr_search.data.balance import class_weights, oversample_indices
@@ -37,6 +38,8 @@ from cxr_search.errors import CxrError
 from cxr_search.metrics import VALIDATION_METRICS
 
 # Fixed input normalisation: histogram-equalised pixels are near uniform on [0, 1] (mean 0.5, std 1/sqrt(12)).
+log = logging.getLogger(__name__)
+
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.289
 
@@ -208,6 +211,85 @@ def model_input(images_u8: torch.Tensor, rt: Runtime, cfg: TrialConfig, *, augme
     if rt.in_chans == 3:
         x = x.expand(-1, 3, -1, -1)  # gray replicated to RGB for ImageNet-shaped stems
     return x.contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------- launch overhead (torch.compile, CUDA graphs)
+
+# At the study's batch 32 a GPU training step is bound by kernel launches, not arithmetic (every backbone ran
+# 0.8-1.6x the direct port there, 5.6-8.4x at batch 256: DESIGN.md). CUDA graphs (torch.compile's
+# "reduce-overhead") replay a step's kernels as one launch, but compiling costs about a minute cold and seconds
+# from the cache (Inductor's cache is shared by every trial process of a machine, `compile_cache_dir`).
+# `compile: auto` compiles only where that is won back. On the 2-core dev VM a cold compile took 65-185 s
+# (cnn3, resnet34; benchmarks/RESULTS.md), longer than a whole trial of the CPU budget, so a CPU never compiles on
+# auto. On a GPU the two thresholds are an estimate that `benchmarks/gpu_suite.py` checks (its compile part).
+COMPILE_MAX_BATCH = 64  # larger batches keep the GPU busy on their own: nothing left to win
+COMPILE_MIN_STEPS = 2000  # ~60 s of compiling back at >= 30 ms saved per step
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graph capture without minutes of C++ compiling
+
+
+def compile_mode(cfg: TrialConfig, device: torch.device, planned_steps: int) -> str | None:
+    """The torch.compile mode a run trains under (None: eager), from `cfg.compile`.
+
+    Args:
+        cfg: the trial config (`compile`: auto | on | off; its batch size).
+        device: where it trains.
+        planned_steps: training steps of the whole run if it is not stopped early.
+    """
+    if cfg.compile == "off":
+        return None
+    if cfg.compile == "auto" and (device.type != "cuda" or cfg.batch_size > COMPILE_MAX_BATCH
+                                  or planned_steps < COMPILE_MIN_STEPS):
+        return None
+    return "reduce-overhead" if device.type == "cuda" else "default"  # reduce-overhead = Inductor + CUDA graphs
+
+
+def compile_cache_dir() -> Path:
+    """Inductor's compile cache for every trial process of this machine (`$TORCHINDUCTOR_CACHE_DIR` if set)."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or paths.cache_root() / "torch_compile")
+
+
+class TrainingModel:
+    """The model as the training steps call it: compiled when `compile_mode` says so, else the model itself.
+
+    A model that fails to compile (an operator Inductor cannot lower, a missing compiler) trains eagerly: the
+    first step is retried without compiling and the reason is logged once. Speed is optional, the trial is not.
+    Evaluation and checkpoints always use the eager model (the same parameters): large evaluation batches are not
+    launch-bound, and its state_dict keys stay those of the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str | None):
+        self.eager = model
+        self.mode = mode
+        self.compiled: torch.nn.Module | None = None
+        self.proven = False  # a compiled step has run forward and backward
+        if mode is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())  # read by Inductor when it compiles
+            options: dict[str, Any] = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+            self.compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False, **options)
+
+    def step(self, step_fn: Callable[..., Any], *args: Any) -> Any:
+        """`step_fn(model, *args)`: one training step on the compiled model, or on the eager one."""
+        if self.compiled is None:
+            return step_fn(self.eager, *args)
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
+        if self.proven:
+            return step_fn(self.compiled, *args)
+        try:
+            out = step_fn(self.compiled, *args)
+        except Exception as e:  # noqa: BLE001 - any compile failure: train on without it (logged)
+            log.warning("torch.compile failed (%s); this run trains without it (compile: off skips the attempt)",
+                        " ".join(str(e).split())[:300])
+            self.compiled = None
+            return step_fn(self.eager, *args)
+        self.proven = True
+        return out
+
+
+def planned_steps(n_train_images: int, cfg: TrialConfig) -> int:
+    """Training steps of a run that is never stopped early (the oversampled epoch is estimated as 1.5x)."""
+    per_epoch = n_train_images * (1.5 if cfg.balance == "oversample" else 1.0)
+    return cfg.max_epochs * math.ceil(per_epoch / cfg.batch_size)
 
 
 def train_step(
@@ -448,6 +530,9 @@ def fit(
 
         train = DeviceSplit(data.train, device, shard)
         val = DeviceSplit(data.val, device)
+        # data-parallel runs train eagerly: DDP's gradient hooks and CUDA graphs are a separate project
+        trains = TrainingModel(net, compile_mode(cfg, device, planned_steps(len(train), cfg)) if shard is None
+                                else None)
         class_weight = None
         if cfg.balance == "class_weight":
             weights = class_weights(train.labels_np, len(data.classes))
@@ -461,7 +546,7 @@ def fit(
                 t0 = time.perf_counter()
                 fire = _armed_faults(faults, cfg, epoch, folder) if lead else None
                 train_loss, train_acc, n_seen = _train_epoch(
-                    net, optimizer, train, epoch, rt, cfg, class_weight, after_first_batch=fire
+                    trains, optimizer, train, epoch, rt, cfg, class_weight, after_first_batch=fire
                 )
                 train_s = time.perf_counter() - t0
                 if scheduler is not None:
@@ -502,7 +587,7 @@ def _validation_metrics(ev: Evaluation) -> dict[str, float]:
 
 
 def _train_epoch(
-    model: torch.nn.Module,
+    model: TrainingModel,
     optimizer: torch.optim.Optimizer,
     train: DeviceSplit,
     epoch: int,
@@ -514,13 +599,13 @@ def _train_epoch(
     """One pass over the (oversampled, shuffled) training set; returns (mean loss, accuracy, images seen).
 
     Data-parallel (`train.shard`): the statistics are summed over every process."""
-    model.train()
+    model.eager.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), dtype=torch.long, device=rt.device)
     n_seen = 0
     for idx in _epoch_batches(train, cfg, epoch, rt.device):
         x = model_input(train.images[idx], rt, cfg, augment=True)
-        loss, n_correct = train_step(model, optimizer, x, train.labels[idx], rt, cfg, class_weight)
+        loss, n_correct = model.step(train_step, optimizer, x, train.labels[idx], rt, cfg, class_weight)
         loss_sum += loss * len(idx)
         correct += n_correct
         n_seen += len(idx)

@@ -66,7 +66,7 @@ TEST_KEYS = ("acc", "macro_f1", "auroc_macro", "normal_recall", "covid_recall_vs
              "ece", "nll")
 # Fields that do not change what a configuration learns: left out of its identity, so a seed or an epoch
 # budget given to `retrain` does not make the same configuration a new one.
-NOT_IDENTITY = ("seed", "device", "eval_batch_size", "deterministic", "max_epochs")
+NOT_IDENTITY = ("seed", "device", "eval_batch_size", "deterministic", "max_epochs", "compile")
 # The --smoke size: seconds per trial on a laptop CPU (80 px: inception_v3 needs >= 75).
 SMOKE = {"n_images": 120, "size": 80, "num_samples": 4, "max_epochs": 2, "grace_period": 1,
          "max_concurrent_trials": 2, "top_k": 1, "seeds": 2, "retrain_max_epochs": 1}

@@ -594,7 +594,7 @@ class StageOptions:
     verbose: int = 0  # Tune's own output (0: none; the console callback speaks to people)
     callbacks: tuple[Any, ...] = ()  # more Tune callbacks (search/console.py's TrialConsole)
     reuse_actors: bool | None = None  # None: reuse trial processes only for CPU trials (a GPU trial's memory is
-    # freed for sure only when its process ends)
+    # freed for sure only when its process ends; benchmarks/gpu_suite.py measures what a reused one would keep)
 
 
 def run_optuna_stage(stage_dir: storage.Location, spec: SearchSpec, data: PreparedData, options: StageOptions,

@@ -244,3 +244,17 @@ def test_a_binary_file_is_not_a_search_space(tmp_path):
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CxrError, match="not a text file"):
         load_space(path)
+
+
+def test_gpu_auto_shares_grow_with_the_trials_batch_and_image_size():
+    from cxr_search.search.tune import TRIAL_GPU_SHARE_MAX, TrialResources
+
+    small, large = TrialResources(2, "auto", gpu_memory_gib=24, image_size=128), \
+        TrialResources(2, "auto", gpu_memory_gib=24, image_size=256)
+    # the study's trials (batch 32, 128 px) pack as tightly as allowed; a bigger batch or image takes more
+    assert small.gpus_for("vgg19", 32) == 1 / TRIAL_GPU_SHARE_MAX
+    assert small.gpus_for("vgg19", 32) < small.gpus_for("vgg19", 256) < large.gpus_for("vgg19", 256) == 1.0
+    # the bundle Ray gets follows each trial's own config
+    bundle = small({"backbone": "vgg19", "batch_size": 256}).bundles[0]
+    assert bundle == {"CPU": 2, "GPU": small.gpus_for("vgg19", 256)}
+    assert TrialResources(2, "auto", gpu_memory_gib=0)({"backbone": "vgg19"}).bundles[0] == {"CPU": 2}

@@ -45,12 +45,14 @@ log = logging.getLogger(__name__)
 
 # GPU memory one training trial's process holds, GiB: measured on an H100 (torch 2.11, engine defaults: bf16,
 # channels_last, whole data set resident; 128 px, batch 32 and 64, the larger, CUDA context included, rounded
-# up to 0.5). Activations grow with pixels: scale by (size / 128)^2 for larger images.
+# up to 0.5). Beyond the context, activations grow with the batch and the pixels: `gpu_peak_gib` scales that
+# part by batch / 64 (from 64 up) and (size / 128)^2, which over-counts weights and optimizer state (safe side).
 # Bookkeeping only: Ray uses the fraction to decide how many trials share a GPU, it does not enforce it.
 GPU_PEAK_GIB: dict[str, float] = {
     "cnn3": 2.0, "alexnet": 1.5, "vgg16": 3.0, "vgg19": 3.5, "resnet34": 2.0,
     "resnet50": 2.5, "inception_v3": 2.5, "xception": 3.5, "densenet121": 2.5,
 }
+GPU_CONTEXT_GIB = 0.5  # CUDA context and cuDNN/cuBLAS handles: held before the first tensor, whatever the model
 TRIAL_GPU_SHARE_MAX = 4  # never pack more than 4 trials on a GPU: throughput gains stop (DESIGN.md: 1.18x at 4)
 KEY = "trial_key"  # the config label naming a trial's folder (see the module docstring)
 TPE_STARTUP = 10  # TPE's random startup trials (Optuna's default), drawn per trial number here
@@ -62,9 +64,16 @@ PENDING_NOTE_S = 180.0  # a trial waiting this long for resources gets a printed
 # ---------------------------------------------------------------- resources
 
 
-def gpu_fraction(backbone: str, gpu_memory_gib: float) -> float:
-    """GPU fraction for one trial of `backbone`: its peak memory share, at least 1/TRIAL_GPU_SHARE_MAX, at most 1."""
-    share = GPU_PEAK_GIB.get(backbone, 8.0) * 1.5 / max(gpu_memory_gib, 1.0)  # 1.5: allocator/cuDNN slack
+def gpu_peak_gib(backbone: str, batch_size: int = 32, image_size: int = 128) -> float:
+    """Estimated peak GPU memory of one trial, GiB (GPU_PEAK_GIB scaled to its batch and image size)."""
+    measured = GPU_PEAK_GIB.get(backbone, 8.0)
+    grow = max(1.0, batch_size / 64) * (image_size / 128) ** 2
+    return GPU_CONTEXT_GIB + (measured - GPU_CONTEXT_GIB) * grow
+
+
+def gpu_fraction(backbone: str, gpu_memory_gib: float, batch_size: int = 32, image_size: int = 128) -> float:
+    """GPU fraction for one trial: its peak memory share, at least 1/TRIAL_GPU_SHARE_MAX, at most 1."""
+    share = gpu_peak_gib(backbone, batch_size, image_size) * 1.5 / max(gpu_memory_gib, 1.0)  # 1.5: allocator slack
     return round(min(1.0, max(1.0 / TRIAL_GPU_SHARE_MAX, share)), 3)
 
 
@@ -75,25 +84,29 @@ class TrialResources:
     `cpus`/`gpus` for each of its workers itself.
     """
 
-    def __init__(self, cpus: float, gpus: str | float, gpu_memory_gib: float = 0.0, workers: int = 1):
+    def __init__(self, cpus: float, gpus: str | float, gpu_memory_gib: float = 0.0, workers: int = 1,
+                 image_size: int = 128):
         self.cpus, self.gpus, self.gpu_memory_gib, self.workers = cpus, gpus, gpu_memory_gib, workers
+        self.image_size = image_size
 
     def __call__(self, config: dict[str, Any]) -> tune.PlacementGroupFactory:
         if self.workers > 1:
             return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
-        return tune.PlacementGroupFactory([self.worker_bundle(config.get("backbone", TrialConfig.backbone))])
+        return tune.PlacementGroupFactory([self.worker_bundle(config.get("backbone", TrialConfig.backbone),
+                                                              config.get("batch_size", TrialConfig.batch_size))])
 
-    def worker_bundle(self, backbone: str) -> dict[str, float]:
+    def worker_bundle(self, backbone: str, batch_size: int = TrialConfig.batch_size) -> dict[str, float]:
         """What one training process of a trial holds: CPUs, and GPUs if any."""
         bundle = {"CPU": self.cpus}
-        gpus = self.gpus_for(backbone)
+        gpus = self.gpus_for(backbone, batch_size)
         if gpus > 0:
             bundle["GPU"] = gpus
         return bundle
 
-    def gpus_for(self, backbone: str) -> float:
+    def gpus_for(self, backbone: str, batch_size: int = TrialConfig.batch_size) -> float:
         if self.gpus == "auto":
-            return gpu_fraction(backbone, self.gpu_memory_gib) if self.gpu_memory_gib > 0 else 0.0
+            return (gpu_fraction(backbone, self.gpu_memory_gib, batch_size, self.image_size)
+                    if self.gpu_memory_gib > 0 else 0.0)
         return float(self.gpus)
 
     @property
@@ -102,7 +115,8 @@ class TrialResources:
 
 
 def trial_resources(spec: SearchSpec) -> TrialResources:
-    return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib(), spec.workers_per_trial)
+    return TrialResources(spec.cpus_per_trial, spec.gpus_per_trial, cluster_gpu_memory_gib(), spec.workers_per_trial,
+                          int(spec.data.get("size", 128)))
 
 
 def check_trial_resources(spec: SearchSpec, *, address: str | None) -> list[str]:
@@ -125,8 +139,8 @@ def check_trial_resources(spec: SearchSpec, *, address: str | None) -> list[str]
     resources = trial_resources(spec)
     where = "this machine's Ray" if address is None else f"the cluster at {address}"
     notes = []
-    for (backbone,) in sorted(spec.combinations("backbone")):
-        want = {"CPU": float(spec.cpus_per_trial), "GPU": resources.gpus_for(backbone)}
+    for backbone, batch_size in sorted(spec.combinations("backbone", "batch_size")):
+        want = {"CPU": float(spec.cpus_per_trial), "GPU": resources.gpus_for(backbone, batch_size)}
         if any(all(n.get(k, 0.0) >= v for k, v in want.items()) for n in nodes):
             continue
         if address is not None and _may_autoscale():
@@ -241,7 +255,7 @@ def _fit_data_parallel(cfg: TrialConfig, data: PreparedData, folder: storage.Loc
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    bundle = resources.worker_bundle(cfg.backbone)
+    bundle = resources.worker_bundle(cfg.backbone, cfg.batch_size)
     trainer = TorchTrainer(
         _data_parallel_worker,
         train_loop_config={"cfg": cfg.to_dict(), "data": ray.put(data), "folder": str(folder),

@@ -223,7 +223,9 @@ def model_input(images_u8: torch.Tensor, rt: Runtime, cfg: TrialConfig, *, augme
 # (cnn3, resnet34; benchmarks/RESULTS.md), longer than a whole trial of the CPU budget, so a CPU never compiles on
 # auto. On a GPU the two thresholds are an estimate that `benchmarks/gpu_suite.py` checks (its compile part).
 COMPILE_MAX_BATCH = 64  # larger batches keep the GPU busy on their own: nothing left to win
-COMPILE_MIN_STEPS = 2000  # ~60 s of compiling back at >= 30 ms saved per step
+# InceptionV3 at batch 32 on an H100 took 38 ms per step, all of it the launch-bound step (RESULTS.md): if CUDA
+# graphs save ~30 ms of that, a ~60 s cold compile is back after 2,000 steps (about 12 epochs of the study's data)
+COMPILE_MIN_STEPS = 2000
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graph capture without minutes of C++ compiling
 
 

@@ -10,7 +10,7 @@ after every part, so a run cut short keeps what it measured):
   study       a reduced whole study through `run_pipeline` (study: the nine-backbone table and the fine-tuning
               grid, retrain of the best over seeds, ensemble), measured end to end, and its projection to the
               full study (19 runs + 50 seeds on 6,432 images); the formula and its inputs are in the JSON
-  compile     batch 32 trained as `compile: on` trains it (CUDA graphs) and eagerly, the compile's cost cold
+  compile     batch 32 trained as `compile: always` trains it (CUDA graphs) and eagerly, the compile's cost cold
               and from the cache, and the steps that win it back (against `compile: auto`'s threshold);
               inception_v3 by default, `--compile A,B` for others (30-90 s each)
 ImageNet weights cannot be downloaded on an offline GPU host: the suite stages placeholder weights (random
@@ -377,7 +377,7 @@ def part_study(sizes: Sizes, gpu: bool, phantom_dir: Path, data_s: float, work: 
 
 
 def part_compile(sizes: Sizes, backbones: list[str], device, work: Path, report: dict) -> dict:
-    """Batch 32 trained as `compile: on` trains it (CUDA graphs on a GPU) and eagerly, with the compile's cost
+    """Batch 32 trained as `compile: always` trains it (CUDA graphs on a GPU) and eagerly, with the compile's cost
     from an empty cache (a machine's first trial) and from the cache (every later trial of that backbone; measured
     in this process after `torch._dynamo.reset()`, so a new process adds Inductor's imports), and the steps a trial
     needs to win the compile back: `engine.COMPILE_MIN_STEPS` is what `compile: auto` assumes."""
@@ -396,7 +396,7 @@ def part_compile(sizes: Sizes, backbones: list[str], device, work: Path, report:
         common = dict(images=images, labels=labels, device=device, warmup=sizes.warmup, steps=sizes.steps,
                       step_only=False)
         row: dict[str, Any] = {"backbone": backbone, "batch": cfg.batch_size, "backend": sizes.compile_backend,
-                               "mode": engine.compile_mode(cfg.replace(compile="on"), device, 0)}
+                               "mode": engine.compile_mode(cfg.replace(compile="always"), device, 0)}
         eager_runs = [throughput.bench_engine(cfg, **common)]
         for cache in ("cold", "warm"):
             torch._dynamo.reset()  # as a new trial process: nothing compiled in memory, only the cache on disk

@@ -126,11 +126,11 @@ def bench_direct(cfg, images, labels, device, workers, warmup, steps) -> float:
 def bench_engine(cfg, images, labels, device, warmup, steps, *, step_only: bool, compile_model: bool = False) -> float:
     """The engine's path (or, with step_only, its train step on one prepared batch).
 
-    compile_model trains as the engine does under `compile: on` (`engine.TrainingModel`: CUDA graphs on a GPU);
+    compile_model trains as the engine does under `compile: always` (`engine.TrainingModel`: CUDA graphs on a GPU);
     its compile time falls in the warm-up. A model that failed to compile raises (the figure would be eager's).
     """
     model = _fresh_model(cfg, device, channels_last=True).train()
-    mode = engine.compile_mode(cfg.replace(compile="on"), device, 0) if compile_model else None
+    mode = engine.compile_mode(cfg.replace(compile="always"), device, 0) if compile_model else None
     trains = engine.TrainingModel(model, mode)
     optimizer = engine.create_optimizer(model, cfg)
     rt = engine.Runtime.for_model(model, cfg, device)

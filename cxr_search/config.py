@@ -20,7 +20,7 @@ LR_SCHEDULES = ("constant", "cosine")
 BALANCE = ("oversample", "class_weight", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-COMPILES = ("auto", "on", "off")
+COMPILES = ("auto", "always", "never")  # not on/off: YAML 1.1 reads those as booleans
 
 # Allowed values for the string fields; checked by from_dict and by the search-space loader.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -74,7 +74,7 @@ class TrialConfig:
     precision: str = "auto"
     eval_batch_size: int = 256
     # auto: train under torch.compile with CUDA graphs on a GPU where the launch overhead it removes pays for the
-    # compile (small batches, long trials: engine.compile_mode); on: always (a CPU gets plain inductor); off: never
+    # compile (small batches, long trials: engine.compile_mode); always (a CPU gets plain Inductor); never
     compile: str = "auto"
 
     def __post_init__(self) -> None:

@@ -237,7 +237,7 @@ def compile_mode(cfg: TrialConfig, device: torch.device, planned_steps: int) -> 
         device: where it trains.
         planned_steps: training steps of the whole run if it is not stopped early.
     """
-    if cfg.compile == "off":
+    if cfg.compile == "never":
         return None
     if cfg.compile == "auto" and (device.type != "cuda" or cfg.batch_size > COMPILE_MAX_BATCH
                                   or planned_steps < COMPILE_MIN_STEPS):
@@ -280,7 +280,7 @@ class TrainingModel:
         try:
             out = step_fn(self.compiled, *args)
         except Exception as e:  # noqa: BLE001 - any compile failure: train on without it (logged)
-            log.warning("torch.compile failed (%s); this run trains without it (compile: off skips the attempt)",
+            log.warning("torch.compile failed (%s); this run trains without it (compile: never skips the attempt)",
                         " ".join(str(e).split())[:300])
             self.compiled = None
             return step_fn(self.eager, *args)

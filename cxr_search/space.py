@@ -448,7 +448,8 @@ def _check_trial_value(key: str, value: Any, where: str) -> None:
     if key not in _TRIAL_FIELDS:
         raise CxrError(f"{where}: unknown setting '{key}'{_suggest(key, _TRIAL_FIELDS)} (settings are the TrialConfig fields).")
     if key in CHOICES and value not in CHOICES[key]:
-        raise CxrError(f"{where}.{key}: '{value}' is not allowed; allowed: {', '.join(CHOICES[key])}"
+        yaml_bool = " (YAML reads unquoted on/off/yes/no as true/false)" if isinstance(value, bool) else ""
+        raise CxrError(f"{where}.{key}: '{value}' is not allowed{yaml_bool}; allowed: {', '.join(CHOICES[key])}"
                        f"{_suggest(str(value), CHOICES[key])}.")
     try:
         TrialConfig.from_dict({key: value}, source=where)

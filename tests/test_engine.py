@@ -242,8 +242,8 @@ def test_compile_auto_compiles_only_small_batch_gpu_runs_long_enough_to_win_it_b
     assert engine.compile_mode(_cfg(batch_size=32), gpu, short_run) is None  # the compile would not pay
     assert engine.compile_mode(_cfg(batch_size=256), gpu, long_run) is None  # not launch-bound
     assert engine.compile_mode(_cfg(batch_size=32), cpu, long_run) is None  # a cold compile outlasts a CPU-budget trial
-    assert engine.compile_mode(_cfg(batch_size=32, compile="on"), cpu, 1) == "default"
-    assert engine.compile_mode(_cfg(batch_size=32, compile="off"), gpu, long_run) is None
+    assert engine.compile_mode(_cfg(batch_size=32, compile="always"), cpu, 1) == "default"
+    assert engine.compile_mode(_cfg(batch_size=32, compile="never"), gpu, long_run) is None
     # a 100-epoch trial of the study (5,145 training images, batch 32) compiles; a 4-epoch ASHA rung does not
     study = TrialConfig(batch_size=32, max_epochs=100)
     assert engine.planned_steps(5145, study) >= engine.COMPILE_MIN_STEPS > engine.planned_steps(5145, study.replace(
@@ -260,11 +260,11 @@ def test_a_compiled_run_trains_the_same_model_and_saves_a_plain_checkpoint(unint
     monkeypatch.setattr(engine, "COMPILE_BACKEND", capturing_backend)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
-    result, _, _ = _fit_recording(_cfg(patience=10, compile="on"), _data(), tmp_path / "run")
+    result, _, _ = _fit_recording(_cfg(patience=10, compile="always"), _data(), tmp_path / "run")
     assert graphs, "the training steps did not run through torch.compile"
     _assert_same_run(result, uninterrupted[0])
     model, cfg = engine.load_best_model(tmp_path / "run")  # plain keys, no torch.compile wrapper names
-    assert cfg.compile == "on" and not any("_orig_mod" in k for k in model.state_dict())
+    assert cfg.compile == "always" and not any("_orig_mod" in k for k in model.state_dict())
 
 
 def test_a_model_that_fails_to_compile_trains_eagerly_and_says_so(uninterrupted, tmp_path, monkeypatch, caplog):
@@ -274,10 +274,10 @@ def test_a_model_that_fails_to_compile_trains_eagerly_and_says_so(uninterrupted,
     monkeypatch.setattr(engine, "COMPILE_BACKEND", failing_backend)
     torch._dynamo.reset()
     with caplog.at_level("WARNING", logger="cxr_search.engine"):
-        result, _, _ = _fit_recording(_cfg(patience=10, compile="on"), _data(), tmp_path / "run")
+        result, _, _ = _fit_recording(_cfg(patience=10, compile="always"), _data(), tmp_path / "run")
     _assert_same_run(result, uninterrupted[0])
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
-    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "compile: off" in warnings[0]
+    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "compile: never" in warnings[0]
 
 
 def test_a_finished_folder_keeps_its_best_weights_only(uninterrupted):

@@ -258,3 +258,12 @@ def test_gpu_auto_shares_grow_with_the_trials_batch_and_image_size():
     bundle = small({"backbone": "vgg19", "batch_size": 256}).bundles[0]
     assert bundle == {"CPU": 2, "GPU": small.gpus_for("vgg19", 256)}
     assert TrialResources(2, "auto", gpu_memory_gib=0)({"backbone": "vgg19"}).bundles[0] == {"CPU": 2}
+
+
+def test_compile_settings_read_from_yaml_as_written(tmp_path):
+    spec = load_space(_write(tmp_path, GOOD.replace("trial: {backbone: cnn3, max_epochs: 4}",
+                                                    "trial: {backbone: cnn3, max_epochs: 4, compile: never}")))
+    assert TrialConfig.from_dict(trial_fields(spec.trial)).compile == "never"
+    with pytest.raises(CxrError, match="compile.*on/off.*true/false.*always"):  # YAML 1.1 reads `off` as false
+        load_space(_write(tmp_path, GOOD.replace("trial: {backbone: cnn3, max_epochs: 4}",
+                                                 "trial: {backbone: cnn3, max_epochs: 4, compile: off}")))

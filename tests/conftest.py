@@ -1,13 +1,98 @@
-"""Shared fixtures: small phantom data sets generated once per test session."""
+"""Shared fixtures (small phantom data sets generated once per test session) and how the suite is spread over
+pytest-xdist workers (pyproject.toml: `-n auto --dist loadfile`)."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadFileScheduling
 
 from cxr_search.data import phantoms
+
+# Files that share a session fixture too costly to build once per worker (`smoke_experiments`, about 1 minute):
+# the scheduler hands them to one worker together. (xdist's own `xdist_group` marks cannot do it under pytest 9.2:
+# xdist 3.8 tags the node ids through `item._nodeid`, which pytest 9.2 no longer reads.)
+SHARED_FIXTURE_FILES = {
+    "smoke_experiments": ("tests/test_html_report.py", "tests/test_live_views.py", "tests/test_notebooks.py"),
+}
+# Handed out first, longest first (the file's or group's seconds on the 2-core VM, `--durations`): a long file
+# handed out last would leave the other worker idle at the end. The rest follows in collection order.
+LONGEST_FIRST = (
+    "tests/test_crash_consistency.py", "tests/test_search_tune.py", "smoke_experiments", "tests/test_cli_errors.py",
+    "tests/test_remote_storage.py", "tests/test_engine.py", "tests/test_explain.py", "tests/test_ddp.py",
+    "tests/test_models.py", "tests/test_install.py", "tests/test_gpu_suite.py", "tests/test_retrain.py",
+    "tests/test_cluster.py", "tests/test_security.py",
+)
+_GROUP_OF = {path: group for group, paths in SHARED_FIXTURE_FILES.items() for path in paths}
+
+
+def _scope(nodeid: str) -> str:
+    """The unit one worker runs: a test file, or the group of files that share a costly session fixture."""
+    path = nodeid.split("::", 1)[0]
+    return _GROUP_OF.get(path, path)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: two workers for a run of the whole suite (it waits on Ray start-ups and subprocesses more than
+    it computes), none for named files or test ids, so their prints, `-s` and `--pdb` work as without xdist."""
+    whole_suite = all(Path(arg).is_dir() for arg in config.args)  # no argument: `testpaths`, a folder
+    return min(2, len(os.sched_getaffinity(0))) if whole_suite else 0
+
+
+class _FileOrGroupScheduling(LoadFileScheduling):
+    """xdist's `loadfile` (a file's tests on one worker, so its module fixtures are built once), with the files of
+    `SHARED_FIXTURE_FILES` on one worker together."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return _scope(nodeid)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileScheduling | None:
+    return _FileOrGroupScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first (xdist hands out files in collection order), and a warning for a file that uses a shared
+    session fixture without being listed in `SHARED_FIXTURE_FILES` (it would build the fixture on a second worker)."""
+    for group, paths in SHARED_FIXTURE_FILES.items():
+        unlisted = sorted({item.nodeid.split("::", 1)[0] for item in items
+                           if group in getattr(item, "fixturenames", ())} - set(paths))
+        if unlisted:
+            warnings.warn(f"{', '.join(unlisted)} use {group}: add them to SHARED_FIXTURE_FILES in tests/conftest.py "
+                          "so that one worker builds it", stacklevel=1)
+    rank = {scope: i for i, scope in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_scope(item.nodeid), len(rank)))  # stable: a file keeps its order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _environment_per_file():
+    """Each test file starts from the session's environment variables, whatever ran before it on this worker.
+
+    Files run in another order under xdist than alone, and an in-process search leaves variables behind (Ray's
+    `RAY_AUTH_MODE`, `init_ray`'s `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which makes `ray start` refuse the second
+    node of tests/test_cluster.py).
+    """
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make Ray's default token (~/.ray/auth_token) before any worker starts a local Ray.
+
+    Each new local Ray writes one when the file is missing; two workers starting theirs at once on a fresh machine
+    would each write their own, and one Ray would then hold a token its processes no longer read.
+    """
+    token = Path.home() / ".ray" / "auth_token"
+    if not hasattr(config, "workerinput") and not token.exists():
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
 
 
 @pytest.fixture(scope="session", autouse=True)

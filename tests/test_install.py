@@ -32,11 +32,13 @@ def test_the_wheel_runs_a_smoke_search_from_an_empty_folder_outside_the_checkout
     deps = next(Path(p) for p in site.getsitepackages() if Path(p).name == "site-packages")
     purelib = next(venv.glob("lib/python*/site-packages"))
     (purelib / "_cxr_search_deps.pth").write_text(f"{deps}\n")
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)])
+    # Without the checkout on PYTHONPATH (a worktree run puts it there): pip would take the checkout's
+    # cxr_search.egg-info, which the wheel build above leaves, for cxr-search already installed, and skip the wheel.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CXR_SEARCH_EXPERIMENTS")}
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], env=env)
 
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CXR_SEARCH_EXPERIMENTS")}
     env["CXR_SEARCH_CACHE"] = str(tmp_path / "cache")
     where = _run([str(venv / "bin" / "python"), "-c", "import cxr_search; print(cxr_search.__file__)"], cwd=empty,
                  env=env).stdout.strip()

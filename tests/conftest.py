@@ -39,7 +39,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: two workers for a run of the whole suite (it waits on Ray start-ups and subprocesses more than
     it computes), none for named files or test ids, so their prints, `-s` and `--pdb` work as without xdist."""
     whole_suite = all(Path(arg).is_dir() for arg in config.args)  # no argument: `testpaths`, a folder
-    return min(2, len(os.sched_getaffinity(0))) if whole_suite else 0
+    return min(2, os.cpu_count() or 1) if whole_suite else 0
 
 
 class _FileOrGroupScheduling(LoadFileScheduling):

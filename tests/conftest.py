@@ -18,9 +18,10 @@ from cxr_search.data import phantoms
 SHARED_FIXTURE_FILES = {
     "smoke_experiments": ("tests/test_html_report.py", "tests/test_live_views.py", "tests/test_notebooks.py"),
 }
-# Handed out first, longest first (each file's or group's seconds under two workers on the 2-core VM, from
-# `--durations=0`: about 280, 270, 150, 190, 120, 25, 35, 85, 30, 100, 80, 30, 40, 35): a long file handed out last
-# would leave the other worker idle at the end. The rest follows in collection order.
+# Handed out first, roughly longest first (under two workers on the 2-core VM, `--durations=0`: the crash harness
+# about 280 s, test_search_tune 270, cli_errors 190, the smoke group 150, remote storage 120, install 100, the rest
+# under 90 each): a long file handed out last would leave the other worker idle at the end. The two workers ended
+# within 40 s of each other. The rest follows in collection order.
 LONGEST_FIRST = (
     "tests/test_crash_consistency.py", "tests/test_search_tune.py", "smoke_experiments", "tests/test_cli_errors.py",
     "tests/test_remote_storage.py", "tests/test_engine.py", "tests/test_explain.py", "tests/test_ddp.py",

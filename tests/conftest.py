@@ -18,8 +18,10 @@ from cxr_search.data import phantoms
 SHARED_FIXTURE_FILES = {
     "smoke_experiments": ("tests/test_html_report.py", "tests/test_live_views.py", "tests/test_notebooks.py"),
 }
-# Handed out first, longest first (the file's or group's seconds on the 2-core VM, `--durations`): a long file
-# handed out last would leave the other worker idle at the end. The rest follows in collection order.
+# Handed out first, roughly longest first (under two workers on the 2-core VM, `--durations=0`: the crash harness
+# about 280 s, test_search_tune 270, cli_errors 190, the smoke group 150, remote storage 120, install 100, the rest
+# under 90 each): a long file handed out last would leave the other worker idle at the end. The two workers ended
+# within 40 s of each other. The rest follows in collection order.
 LONGEST_FIRST = (
     "tests/test_crash_consistency.py", "tests/test_search_tune.py", "smoke_experiments", "tests/test_cli_errors.py",
     "tests/test_remote_storage.py", "tests/test_engine.py", "tests/test_explain.py", "tests/test_ddp.py",
@@ -36,10 +38,11 @@ def _scope(nodeid: str) -> str:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: two workers for a run of the whole suite (it waits on Ray start-ups and subprocesses more than
-    it computes), none for named files or test ids, so their prints, `-s` and `--pdb` work as without xdist."""
+    """`-n auto`: two workers for a run of the whole suite (alone it leaves a core idle while it waits on Ray
+    start-ups and subprocesses; two keep both cores of the 2-core VM busy, a third would only queue), none for named
+    files or test ids, so their prints, `-s` and `--pdb` work as without xdist."""
     whole_suite = all(Path(arg).is_dir() for arg in config.args)  # no argument: `testpaths`, a folder
-    return min(2, len(os.sched_getaffinity(0))) if whole_suite else 0
+    return min(2, os.cpu_count() or 1) if whole_suite else 0
 
 
 class _FileOrGroupScheduling(LoadFileScheduling):

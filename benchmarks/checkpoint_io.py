@@ -1,6 +1,6 @@
 """Bytes a trial writes for its checkpoints, before (one full checkpoint per epoch) and after (lean model folders).
 
-Not a test. Trains a backbone for a few epochs into a model folder (engine.fit(checkpoint_dir=...)) and counts
+Not a test. Trains a backbone for a few epochs into a model folder (training.loop.fit(checkpoint_dir=...)) and counts
 every byte the run writes (best-weights files, resume states, history lines); compares with what the previous
 format wrote every epoch: one file with the model, the optimizer state and a float32 copy of the best weights
 (two kept per trial by Ray).
@@ -31,9 +31,12 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from cxr_search import engine, storage
     from cxr_search.config import TrialConfig
     from cxr_search.data.prepare import PreparedData, SplitArrays
+    from cxr_search.io import storage
+    from cxr_search.training.loop import fit
+    from cxr_search.training.optim import create_optimizer
+    from cxr_search.training.runtime import model_from_config
 
     rng = np.random.default_rng(0)
 
@@ -60,14 +63,14 @@ def main() -> None:
     storage.atomic_write, storage.append_record = counting_atomic, counting_append
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        engine.fit(cfg, data, checkpoint_dir=Path(tmp) / "trial")
+        fit(cfg, data, checkpoint_dir=Path(tmp) / "trial")
         seconds = time.perf_counter() - t0
         kept = sum(f.stat().st_size for f in (Path(tmp) / "trial").iterdir() if f.is_file())
     storage.atomic_write, storage.append_record = real_atomic, real_append
 
     # The previous format, every epoch: model + optimizer + a float32 copy of the best weights (+ history).
-    model = engine.model_from_config(cfg.replace(pretrained="none"))
-    optimizer = engine.create_optimizer(model, cfg)
+    model = model_from_config(cfg.replace(pretrained="none"))
+    optimizer = create_optimizer(model, cfg)
     model(torch.zeros(2, 1, max(args.size, model.min_input_size), max(args.size, model.min_input_size))).sum().backward()
     optimizer.step()  # materialise the optimizer's state
     buffer = io.BytesIO()

@@ -67,12 +67,14 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float, float
     import numpy as np
     import torch
 
-    from cxr_search import CLASSES, engine, explain, predict
+    from cxr_search import CLASSES, explain, predict
     from cxr_search.config import TrialConfig
     from cxr_search.data import phantoms
     from cxr_search.data.decode import decode
     from cxr_search.data.prepare import prepare
     from cxr_search.data.preprocess import Preprocessing
+    from cxr_search.training.loop import fit
+    from cxr_search.training.runtime import model_from_config
 
     rows: list[tuple[str, float, float, str]] = []
     os.environ["CXR_SEARCH_CACHE"] = str(tmp / "cache")
@@ -90,7 +92,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float, float
     # inception_v3: one member, weights 1, temperature 1
     torch.manual_seed(0)
     cfg = TrialConfig.from_dict({"backbone": "inception_v3", "device": "cpu"})
-    model = engine.model_from_config(cfg).eval()
+    model = model_from_config(cfg).eval()
     inception = predict.Predictor(Path("."), "checkpoint", [predict.Member("inception_v3", model, cfg, 1.0, Path("."))],
                                   1.0, CLASSES, prep, "cpu")
     cams = images[: args.cam_images]
@@ -114,7 +116,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float, float
     data = prepare(data_dir, size=args.size, progress=False)
     ckpt = tmp / "cnn3"
     cnn_cfg = TrialConfig.from_dict({"backbone": "cnn3", "device": "cpu", "max_epochs": 1})
-    engine.fit(cnn_cfg, data, report=lambda metrics, write_checkpoint: write_checkpoint(ckpt))
+    fit(cnn_cfg, data, report=lambda metrics, write_checkpoint: write_checkpoint(ckpt))
     predictor = predict.load(ckpt, device="cpu")
     predict.predict_files(predictor, files[:16], progress=False)  # warm-up
     runs = [len(files) / timed(lambda: predict.predict_files(predictor, files, progress=False))

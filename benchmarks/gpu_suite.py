@@ -105,7 +105,7 @@ def part_throughput(sizes: Sizes, device, report: dict) -> dict:
     import torch
 
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as engine.fit does on a GPU (the direct port benefits too)
+        torch.backends.cudnn.benchmark = True  # as training.loop.fit does on a GPU (the direct port benefits too)
     images, labels = throughput.random_images(sizes.throughput_images, sizes.image_size)
     rows = []
     for backbone in sizes.backbones:
@@ -135,9 +135,9 @@ def startup_child(payload: dict) -> None:
     import numpy as np
     import torch
 
-    from cxr_search import engine
     from cxr_search.config import TrialConfig
     from cxr_search.data.prepare import PreparedData, SplitArrays
+    from cxr_search.training import loop
 
     t_imports = time.time()
     with np.load(payload["npz"], allow_pickle=False) as z:  # as a trial reads the arrays from Ray's object store
@@ -151,18 +151,18 @@ def startup_child(payload: dict) -> None:
     cfg = TrialConfig(backbone=payload["backbone"], pretrained=payload["pretrained"], device=payload["device"],
                       max_epochs=1)
     first: dict[str, float] = {}
-    original = engine.train_step
+    original = loop.train_step
 
-    def first_step(*args, **kwargs):  # measuring hook: fit calls engine.train_step by its module name
+    def first_step(*args, **kwargs):  # measuring hook: fit calls loop.train_step by its module name
         original(*args, **kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         first["t"] = time.time()
         raise _FirstStepDone
 
-    engine.train_step = first_step
+    loop.train_step = first_step
     with contextlib.suppress(_FirstStepDone):
-        engine.fit(cfg, data)
+        loop.fit(cfg, data)
     # What a reused trial process would inherit from this trial (Tune's reuse_actors): GPU memory still held by
     # tensors once fit() has returned; 0 proves the next trial in this process starts with the whole GPU share.
     gc.collect()
@@ -313,11 +313,11 @@ def _timed_calls(targets: list[tuple[Any, str]], log: list[dict]):
 
 
 def _trial_measures(stage_dir: Path) -> list[dict]:
-    from cxr_search import experiment
+    from cxr_search.experiment.trials import trial_dirs, trial_history
 
     out = []
-    for trial in experiment.trial_dirs(stage_dir):
-        hist = experiment.read_history(trial.path)
+    for trial in trial_dirs(stage_dir):
+        hist = trial_history(trial.path)
         if hist.empty or "epoch_time_s" not in hist:
             continue
         epoch_times = list(hist["epoch_time_s"])
@@ -330,14 +330,14 @@ def _trial_measures(stage_dir: Path) -> list[dict]:
 def part_study(sizes: Sizes, gpu: bool, phantom_dir: Path, data_s: float, work: Path, report: dict) -> dict:
     from rich.console import Console
 
-    from cxr_search import ensemble, experiment
-    from cxr_search.search import pipeline
-    from cxr_search.search import tune as stage
+    from cxr_search import ensemble, pipeline
+    from cxr_search.experiment.plan import DataConfig
+    from cxr_search.tuning import stages
 
     space, full_search_trials = _reduced_space(sizes, work, gpu)
     calls: list[dict] = []
-    hooks = [(stage, "run_planned_stage"), (stage, "run_optuna_stage"), (experiment, "finalize"),
-             (experiment.DataConfig, "prepare"), (ensemble, "build_ensemble")]
+    hooks = [(stages, "run_planned_stage"), (stages, "run_optuna_stage"), (pipeline, "finalize"), (stages, "finalize"),
+             (DataConfig, "prepare"), (ensemble, "build_ensemble")]
     t0 = time.perf_counter()
     with _timed_calls(hooks, calls):
         exp = pipeline.run_pipeline(space, data_dir=phantom_dir, name="study", num_samples=1,
@@ -351,20 +351,20 @@ def part_study(sizes: Sizes, gpu: bool, phantom_dir: Path, data_s: float, work: 
             where is None or (Path(c["arg"]) == where if exact else Path(c["arg"]).is_relative_to(where))))
 
     runs = "run_planned_stage|run_optuna_stage"
-    stages = {
+    per_stage = {
         "search": {"wall_s": seconds(runs, exp, exact=True), "finalize_s": seconds("finalize", exp, exact=True),
                    "trials": _trial_measures(exp)},
         "retrain": {"wall_s": seconds(runs, exp / "retrain"), "finalize_s": seconds("finalize", exp / "retrain"),
                     "trials": _trial_measures(exp / "retrain")},
     }
     measured = {"wall_s": wall, "data_s": data_s, "prepare_s": seconds("prepare"),
-                "ensemble_s": seconds("build_ensemble"), "n_images": sizes.study_images, "stages": stages}
+                "ensemble_s": seconds("build_ensemble"), "n_images": sizes.study_images, "stages": per_stage}
     full_trials = {"search": full_search_trials, "retrain": STUDY_SEEDS}
     projections = {str(e): round(project(measured, full_images=STUDY_IMAGES, full_trials=full_trials, epochs=e), 1)
                    for e in sizes.full_epochs}
     result = {
         "space": str(space), "experiment": str(exp), "epochs_per_run": sizes.study_epochs,
-        "search_trials_run": len(stages["search"]["trials"]), "retrain_seeds_run": len(stages["retrain"]["trials"]),
+        "search_trials_run": len(per_stage["search"]["trials"]), "retrain_seeds_run": len(per_stage["retrain"]["trials"]),
         "measured": measured, "full": {"images": STUDY_IMAGES, "trials": full_trials},
         "projected_s_by_epochs": projections, "formula": PROJECTION_FORMULA,
     }
@@ -380,14 +380,19 @@ def part_compile(sizes: Sizes, backbones: list[str], device, work: Path, report:
     """Batch 32 trained as `compile: always` trains it (CUDA graphs on a GPU) and eagerly, with the compile's cost
     from an empty cache (a machine's first trial) and from the cache (every later trial of that backbone; measured
     in this process after `torch._dynamo.reset()`, so a new process adds Inductor's imports), and the steps a trial
-    needs to win the compile back: `engine.COMPILE_MIN_STEPS` is what `compile: auto` assumes."""
+    needs to win the compile back: `compiling.COMPILE_MIN_STEPS` is what `compile: auto` assumes."""
     import throughput
     import torch
 
-    from cxr_search import engine
     from cxr_search.config import TrialConfig
+    from cxr_search.training import compiling
+    from cxr_search.training.compiling import (
+        COMPILE_MAX_BATCH,
+        COMPILE_MIN_STEPS,
+        compile_mode,
+    )
 
-    engine.COMPILE_BACKEND = sizes.compile_backend
+    compiling.COMPILE_BACKEND = sizes.compile_backend
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")  # empty: the first compile is cold
     images, labels = throughput.random_images(sizes.throughput_images, sizes.image_size)
     rows = []
@@ -396,7 +401,7 @@ def part_compile(sizes: Sizes, backbones: list[str], device, work: Path, report:
         common = dict(images=images, labels=labels, device=device, warmup=sizes.warmup, steps=sizes.steps,
                       step_only=False)
         row: dict[str, Any] = {"backbone": backbone, "batch": cfg.batch_size, "backend": sizes.compile_backend,
-                               "mode": engine.compile_mode(cfg.replace(compile="always"), device, 0)}
+                               "mode": compile_mode(cfg.replace(compile="always"), device, 0)}
         eager_runs = [throughput.bench_engine(cfg, **common)]
         for cache in ("cold", "warm"):
             torch._dynamo.reset()  # as a new trial process: nothing compiled in memory, only the cache on disk
@@ -417,7 +422,7 @@ def part_compile(sizes: Sizes, backbones: list[str], device, work: Path, report:
                                                 if saved_per_step > 0 else None)  # None: compiling never pays
         rows.append(row)
         print("compile " + json.dumps(row), flush=True)
-    return {"rows": rows, "auto_min_steps": engine.COMPILE_MIN_STEPS, "auto_max_batch": engine.COMPILE_MAX_BATCH}
+    return {"rows": rows, "auto_min_steps": COMPILE_MIN_STEPS, "auto_max_batch": COMPILE_MAX_BATCH}
 
 
 # ---------------------------------------------------------------- driver
@@ -484,10 +489,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from cxr_search import engine, experiment
     from cxr_search.data import phantoms
+    from cxr_search.experiment.plan import DataConfig
+    from cxr_search.training.runtime import resolve_device
 
-    device = engine.resolve_device("auto")
+    device = resolve_device("auto")
     gpu = device.type == "cuda"
     device_name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
     report: dict[str, Any] = {
@@ -510,7 +516,7 @@ def main() -> None:
     phantom_dir = phantoms.default_dataset(n_images=sizes.study_images, size=max(64, sizes.image_size), seed=0)
     report["phantoms_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    data = experiment.DataConfig(data_dir=str(phantom_dir), size=sizes.image_size).prepare(progress=False)
+    data = DataConfig(data_dir=str(phantom_dir), size=sizes.image_size).prepare(progress=False)
     data_s = time.perf_counter() - t0
     report["data_prep_cold_s"] = round(data_s, 2)
     data_npz = work / "data.npz"
@@ -533,9 +539,9 @@ def main() -> None:
             report["errors"][part] = f"skipped: the suite's time budget ({sizes.budget_s:.0f} s) was spent"
             continue
         if part in ("ray", "study"):
-            from cxr_search.search import tune as stage
+            from cxr_search.tuning.cluster import init_ray
 
-            stage.init_ray(num_cpus=None if gpu else 2)
+            init_ray(num_cpus=None if gpu else 2)
         print(f"== {part}", flush=True)
         try:
             report[part] = runners[part]()
@@ -549,8 +555,9 @@ def main() -> None:
 
 def _stage_placeholder_weights(sizes: Sizes, work: Path) -> dict[str, str]:
     """Stage random weights of the real shapes for every backbone the study fine-tunes; {backbone: pretrained}."""
-    from cxr_search import staging, weights
-    from cxr_search.models import create_model
+    from cxr_search.models import fetch as staging
+    from cxr_search.models import weights
+    from cxr_search.models.registry import create_model
 
     if sizes.study_backbone:  # smoke: random weights everywhere, nothing to stage
         return {}

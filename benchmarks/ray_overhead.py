@@ -23,8 +23,12 @@ from pathlib import Path
 
 import ray
 
-from cxr_search import experiment
-from cxr_search.search import tune as stage
+from cxr_search.experiment.plan import DataConfig, Objective
+from cxr_search.experiment.results import build_results
+from cxr_search.tuning.cluster import init_ray
+from cxr_search.tuning.resources import TrialResources
+from cxr_search.tuning.searcher import trial_key
+from cxr_search.tuning.stages import StageOptions, run_planned_stage
 
 
 def measure(data, trials: int, epochs: int, concurrency: int, reuse: bool, root: Path, *, backbone: str = "cnn3",
@@ -42,15 +46,15 @@ def measure(data, trials: int, epochs: int, concurrency: int, reuse: bool, root:
     """
     exp = root / f"overhead-{backbone}-reuse{int(reuse)}"
     shutil.rmtree(exp, ignore_errors=True)
-    runs = {stage.trial_key(i): {"backbone": backbone, "max_epochs": epochs, "patience": epochs, "device": device,
+    runs = {trial_key(i): {"backbone": backbone, "max_epochs": epochs, "patience": epochs, "device": device,
                                  "batch_size": batch_size, "lr": 1e-3 * (i + 1)} for i in range(trials)}
-    options = stage.StageOptions(objective=experiment.Objective(),
-                                 resources=stage.TrialResources(cpus_per_trial, gpus_per_trial),
+    options = StageOptions(objective=Objective(),
+                                 resources=TrialResources(cpus_per_trial, gpus_per_trial),
                                  max_concurrent_trials=concurrency, verbose=0, reuse_actors=reuse)
     t0 = time.perf_counter()
-    stage.run_planned_stage(exp, runs, data, options)
+    run_planned_stage(exp, runs, data, options)
     wall = time.perf_counter() - t0
-    df = experiment.build_results(exp, experiment.Objective())
+    df = build_results(exp, Objective())
     trial_sum = float(df["wall_time_s"].sum())
     return {"backbone": backbone, "device": device, "reuse_actors": reuse, "trials": trials, "epochs": epochs,
             "concurrency": concurrency, "gpus_per_trial": gpus_per_trial, "wall_s": round(wall, 2),
@@ -74,8 +78,8 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.trials, args.epochs = 4, 2
-    data = experiment.DataConfig(n_images=args.n_images, size=args.size).prepare(progress=False)
-    stage.init_ray(num_cpus=int(args.concurrency * args.cpus_per_trial))
+    data = DataConfig(n_images=args.n_images, size=args.size).prepare(progress=False)
+    init_ray(num_cpus=int(args.concurrency * args.cpus_per_trial))
     rows = []
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
         for reuse in (True, False):

@@ -3,7 +3,7 @@
 Per backbone, on the same images and the same architecture, measured in one run:
   direct  the study ported as is: a torch DataLoader whose workers augment one PIL image at a time (random
           rotation/shear/zoom as a PIL affine), float32 NCHW batches of 32 copied to the device, fp32 model.
-  engine  cxr_search.engine's path: the uint8 images resident on the device, index-slice batches, one batched
+  engine  cxr_search.training's path: the uint8 images resident on the device, index-slice batches, one batched
           affine warp on the device, channels_last; on a GPU also bf16 autocast and cudnn.benchmark.
   step    the engine's train step alone on one fixed, already prepared batch: the model's ceiling.
 Warm-up steps (worker start, cuDNN autotuning, allocator growth) are excluded; CUDA is synchronised around
@@ -29,9 +29,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cxr_search import engine
 from cxr_search.config import TrialConfig
 from cxr_search.data.prepare import SplitArrays
+from cxr_search.training.compiling import TrainingModel, compile_mode
+from cxr_search.training.loop import train_step
+from cxr_search.training.optim import create_optimizer
+from cxr_search.training.runtime import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    DeviceSplit,
+    Runtime,
+    model_from_config,
+    model_input,
+    resolve_device,
+)
 
 STUDY_BATCH = 32  # the study's batch size; the direct port always uses it
 
@@ -65,7 +76,7 @@ class StudyDataset(torch.utils.data.Dataset):
             resample=Image.Resampling.BILINEAR,
         )
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-        x = ((x - engine.PIXEL_MEAN) / engine.PIXEL_STD)[None].expand(self.cfg.in_chans, -1, -1).contiguous()
+        x = ((x - PIXEL_MEAN) / PIXEL_STD)[None].expand(self.cfg.in_chans, -1, -1).contiguous()
         return x, int(self.labels[i])
 
 
@@ -88,14 +99,14 @@ def _timed(step, device: torch.device, warmup: int, steps: int, batch: int) -> f
 
 def _fresh_model(cfg: TrialConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    model = engine.model_from_config(cfg).to(device)
+    model = model_from_config(cfg).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def bench_direct(cfg, images, labels, device, workers, warmup, steps) -> float:
     """The study's pipeline: DataLoader + PIL per image, fp32, NCHW, batch 32."""
     model = _fresh_model(cfg, device, channels_last=False).train()
-    optimizer = engine.create_optimizer(model, cfg)
+    optimizer = create_optimizer(model, cfg)
     loader = torch.utils.data.DataLoader(
         StudyDataset(images, labels, cfg),
         batch_size=STUDY_BATCH,
@@ -126,22 +137,22 @@ def bench_direct(cfg, images, labels, device, workers, warmup, steps) -> float:
 def bench_engine(cfg, images, labels, device, warmup, steps, *, step_only: bool, compile_model: bool = False) -> float:
     """The engine's path (or, with step_only, its train step on one prepared batch).
 
-    compile_model trains as the engine does under `compile: always` (`engine.TrainingModel`: CUDA graphs on a GPU);
+    compile_model trains as the engine does under `compile: always` (`training.compiling.TrainingModel`: CUDA graphs on a GPU);
     its compile time falls in the warm-up. A model that failed to compile raises (the figure would be eager's).
     """
     model = _fresh_model(cfg, device, channels_last=True).train()
-    mode = engine.compile_mode(cfg.replace(compile="always"), device, 0) if compile_model else None
-    trains = engine.TrainingModel(model, mode)
-    optimizer = engine.create_optimizer(model, cfg)
-    rt = engine.Runtime.for_model(model, cfg, device)
-    split = engine.DeviceSplit(SplitArrays(images, labels, labels.astype(str), labels.astype(str)), device)
-    fixed = engine.model_input(split.images[: cfg.batch_size], rt, cfg, augment=True)
+    mode = compile_mode(cfg.replace(compile="always"), device, 0) if compile_model else None
+    trains = TrainingModel(model, mode)
+    optimizer = create_optimizer(model, cfg)
+    rt = Runtime.for_model(model, cfg, device)
+    split = DeviceSplit(SplitArrays(images, labels, labels.astype(str), labels.astype(str)), device)
+    fixed = model_input(split.images[: cfg.batch_size], rt, cfg, augment=True)
 
     def step() -> None:
         idx = torch.randint(0, len(split), (cfg.batch_size,), device=device)
-        x = fixed if step_only else engine.model_input(split.images[idx], rt, cfg, augment=True)
+        x = fixed if step_only else model_input(split.images[idx], rt, cfg, augment=True)
         y = split.labels[: cfg.batch_size] if step_only else split.labels[idx]
-        trains.step(engine.train_step, optimizer, x, y, rt, cfg)
+        trains.step(train_step, optimizer, x, y, rt, cfg)
 
     rate = _timed(step, device, warmup, steps, cfg.batch_size)
     if compile_model and trains.compiled is None:
@@ -212,9 +223,9 @@ def main() -> None:
         args.workers = min(args.workers, 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = engine.resolve_device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as engine.fit does on a GPU (the direct port benefits too)
+        torch.backends.cudnn.benchmark = True  # as training.loop.fit does on a GPU (the direct port benefits too)
 
     images, labels = random_images(args.n_images, args.size)
     rows = []

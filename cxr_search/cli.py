@@ -10,8 +10,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from cxr_search import storage
 from cxr_search.errors import CxrError
+from cxr_search.io import storage
 
 app = typer.Typer(
     name="cxr-search",
@@ -115,7 +115,8 @@ def weights_fetch(
     force: bool = typer.Option(False, "--force", help="Download again where weights are already staged."),
 ) -> None:
     """Download each backbone's ImageNet weights once (needs internet); runs then read them offline."""
-    from cxr_search import paths, staging
+    from cxr_search.io import paths
+    from cxr_search.models import fetch as staging
 
     writable(to, "--to", folder=True)
     names = None if backbones.strip() == "all" else [b.strip() for b in backbones.split(",") if b.strip()]
@@ -131,7 +132,8 @@ def weights_list(
     folder: Path = typer.Option(None, "--dir", help="Weights folder (default $CXR_SEARCH_WEIGHTS or <cache>/weights)."),
 ) -> None:
     """Which backbones have ImageNet weights staged (reads no weights, needs no network)."""
-    from cxr_search import paths, weights
+    from cxr_search.io import paths
+    from cxr_search.models import weights
 
     if folder is not None and not folder.expanduser().is_dir():
         raise CxrError(f"--dir {folder}: no such folder; leave --dir out for {paths.weights_dir()}, or give the "
@@ -170,8 +172,8 @@ def run(
     resplit: bool = typer.Option(False, "--resplit", help="Pool train and test, re-split train/val/test by patient."),
 ) -> None:
     """Search a space with Ray Tune (Optuna + ASHA), then retrain the best, ensemble and summarise."""
-    from cxr_search import paths
-    from cxr_search.search.pipeline import run_pipeline
+    from cxr_search.io import paths
+    from cxr_search.pipeline import run_pipeline
 
     if storage is None or "://" not in storage:  # a remote URI is checked by the plan
         writable(Path(storage) if storage else paths.experiments_root(), "--storage", folder=True)
@@ -187,7 +189,7 @@ def resume(
     address: str = typer.Option(None, "--address", help="Ray cluster to resume on (default: as the run)."),
 ) -> None:
     """Continue an interrupted run: unfinished and errored trials resume from their checkpoints."""
-    from cxr_search.search.pipeline import resume_pipeline
+    from cxr_search.pipeline import resume_pipeline
 
     resume_pipeline(exp, console=console, address=address)
 
@@ -195,7 +197,7 @@ def resume(
 @app.command("status")
 def status(exp: str = typer.Argument(..., help="Experiment folder (or s3://... URI).")) -> None:
     """Trials of an experiment, read from its folder (no Ray needed; works while a search runs)."""
-    from cxr_search.report import print_status
+    from cxr_search.report.status import print_status
 
     print_status(exp, console)
 
@@ -209,7 +211,7 @@ def retrain(
     address: str = typer.Option(None, "--address", help="Ray cluster (default: as the experiment ran)."),
 ) -> None:
     """Retrain the search's best configurations over many seeds on the same splits; summarise the spread."""
-    from cxr_search.search.retrain import retrain_experiment
+    from cxr_search.pipeline import retrain_experiment
 
     retrain_experiment(exp, top_k=top, seeds=seeds, max_epochs=max_epochs, address=address, console=console)
     _show_stage(exp, "retrain", "results.parquet, summary.csv, distribution.png")
@@ -234,12 +236,17 @@ def ensemble(
 
 def _show_stage(exp: str, stage: str, files: str) -> None:
     """After a stage run on its own: rewrite summary.md, print the stage's section and where its files are."""
-    from cxr_search import report
-    from cxr_search.experiment import Experiment
+    from cxr_search.experiment.folder import Experiment
+    from cxr_search.report.summary import (
+        ensemble_section,
+        print_markdown,
+        retrain_section,
+        write_summary,
+    )
 
-    report.write_summary(exp)
-    section = report.retrain_section if stage == "retrain" else report.ensemble_section
-    report.print_markdown(section(Experiment.open(exp)), console)
+    write_summary(exp)
+    section = retrain_section if stage == "retrain" else ensemble_section
+    print_markdown(section(Experiment.open(exp)), console)
     console.print(f"saved: {storage.path(exp) / stage} ({files})", highlight=False)
 
 
@@ -249,7 +256,7 @@ def report_command(
     out: Path = typer.Option(None, "--out", help="HTML file to write (default EXP/report.html)."),
 ) -> None:
     """One self-contained HTML report: data warnings, search, seeds, ensemble, explanations (opens offline)."""
-    from cxr_search import html_report
+    from cxr_search.report import html as html_report
 
     if out is not None:
         writable(out, "--out")
@@ -277,9 +284,9 @@ def train(
     resplit: bool = typer.Option(False, "--resplit", help="Pool train and test, re-split train/val/test by patient."),
 ) -> None:
     """Train one model without Ray, then print the study's summary columns and save the model folder."""
-    from cxr_search import paths
-    from cxr_search import train as single
+    from cxr_search import train_one as single
     from cxr_search.config import TrialConfig
+    from cxr_search.io import paths
 
     for option, value in (("--epochs", epochs), ("--size", size)):
         if value is not None and value < 1:
@@ -353,7 +360,12 @@ def explain_command(
 ) -> None:
     """Grad-CAM / HiResCAM / LIME maps as overlays, raw .npy maps and a contact sheet; or --evaluate their faithfulness."""
 
-    from cxr_search import explain, predict, report
+    from cxr_search import explain, predict
+    from cxr_search.report.summary import (
+        explanations_section,
+        print_markdown,
+        write_summary,
+    )
 
     writable(out, "--out", folder=True)
     if not evaluate and not images:
@@ -363,7 +375,7 @@ def explain_command(
     else:
         methods = explain.check_methods([method or "gradcam"])  # one method per call without --evaluate
     if evaluate:
-        from cxr_search.experiment import Experiment
+        from cxr_search.experiment.folder import Experiment
 
         exp = Experiment.open(model)  # --evaluate writes EXP/explain/ and summary.md: an experiment folder
     predictor = predict.load(model, device=device)
@@ -390,8 +402,8 @@ def explain_command(
     folder = explain.write_faithfulness(model, table, probe, {
         "model": predictor.describe(), "n": n, "methods": list(methods), "samples": samples, "seed": seed,
         "split": "test", "data": str(data) if data is not None else "the experiment's"})
-    report.write_summary(model)
-    report.print_markdown(report.explanations_section(model), console)
+    write_summary(model)
+    print_markdown(explanations_section(model), console)
     console.print(f"saved: {folder / explain.FAITHFULNESS_CSV}", highlight=False)
 
 
@@ -464,7 +476,8 @@ def _write_traceback(error: BaseException) -> Path | None:
     import time
     import traceback
 
-    from cxr_search import __version__, paths
+    from cxr_search import __version__
+    from cxr_search.io import paths
 
     text = (f"cxr-search {__version__}\ncommand: {' '.join(['cxr-search', *sys.argv[1:]])}\n"
             f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"

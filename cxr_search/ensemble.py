@@ -20,6 +20,10 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from cxr_search.errors import CxrError
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.results import predictions_path, read_predictions
+from cxr_search.io import storage
+from cxr_search.io.layout import ENSEMBLE_DIR
 from cxr_search.metrics import bootstrap_ci, bootstrap_indices, classification_metrics, confusion, ece, nll
 
 # Probabilities are clipped here before taking logs: a member that is certain (p = 0) must not make NLL infinite.
@@ -92,10 +96,9 @@ def fit_temperature(val_probs: np.ndarray, val_labels: np.ndarray) -> float:
 
 def load_member(npz_path: str | Path, *, trial_id: str | None = None, checkpoint_dir: str = "") -> Member:
     """One finished model's stored predictions (`predictions/<trial>.npz`, read by the experiment module)."""
-    from cxr_search.experiment import read_predictions
 
     z = read_predictions(npz_path)
-    from cxr_search import storage
+    from cxr_search.io import storage
 
     return Member(trial_id=trial_id or storage.path(npz_path).stem, checkpoint_dir=checkpoint_dir,
                   val_labels=z["val_labels"].astype(np.int64), val_probs=z["val_probs"].astype(np.float64),
@@ -223,7 +226,7 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(ax=ax, colorbar=False)
     ax.set_title(title)
     fig.tight_layout()
-    from cxr_search import storage
+    from cxr_search.io import storage
 
     storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
@@ -273,8 +276,8 @@ def build_ensemble(exp_dir: str | Path, *, top_k: int, source: str = "search", w
     Returns:
         The ensemble description as saved in ensemble.json.
     """
-    from cxr_search import storage
-    from cxr_search.experiment import Experiment
+    from cxr_search.experiment.folder import Experiment
+    from cxr_search.io import storage
 
     exp = Experiment.open(exp_dir)
     if source not in ("search", "retrain"):
@@ -329,3 +332,65 @@ def _members_preprocessing(exp: Any, members: Sequence[Member]) -> dict[str, Any
     found = locate(folders=[m.checkpoint_dir for m in members if m.checkpoint_dir],
                    fallback=(exp.plan.data.size, exp.plan.data.equalize), where=str(exp.path), required=False)
     return found.to_dict() if found is not None else None
+
+
+def read_ensemble(exp_dir: str | Path) -> dict[str, Any] | None:
+    """`EXP/ensemble/ensemble.json` (written last by the ensemble stage), or None when the stage has not run."""
+    path = storage.path(exp_dir) / ENSEMBLE_DIR / "ensemble.json"
+    return storage.read_json(path) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class EnsemblePredictions:
+    """The saved ensemble replayed on its members' stored predictions (nothing is refitted)."""
+
+    description: dict[str, Any]  # ensemble.json
+    members: list[Any]  # ensemble.Member, in ensemble.json's order (best first)
+    weights: np.ndarray  # [M], the saved voting weights
+    temperature: float
+    val_labels: np.ndarray
+    test_labels: np.ndarray
+    val_probs: np.ndarray  # soft vote before temperature scaling
+    test_probs_uncalibrated: np.ndarray
+    test_probs: np.ndarray  # after temperature scaling: what the ensemble predicts
+
+
+def ensemble_predictions(exp_dir: str | Path) -> EnsemblePredictions | None:
+    """The ensemble's members and its validation/test probabilities before and after temperature scaling,
+    rebuilt from `ensemble.json` and each member's `predictions/<trial>.npz`; None when the stage has not run."""
+    from cxr_search import ensemble
+
+    exp = Experiment.open(exp_dir)
+    desc = read_ensemble(exp.path)
+    if desc is None:
+        return None
+    stage = exp.stage_dir(desc["source"])
+    members = [ensemble.load_member(predictions_path(stage, m["trial_id"]), trial_id=m["trial_id"],
+                                    checkpoint_dir=m["checkpoint_dir"]) for m in desc["members"]]
+    weights = np.array([m["weight"] for m in desc["members"]], dtype=np.float64)
+    raw_test = ensemble.soft_vote([m.test_probs for m in members], weights)
+    return EnsemblePredictions(
+        description=desc, members=members, weights=weights, temperature=float(desc["temperature"]),
+        val_labels=members[0].val_labels, test_labels=members[0].test_labels,
+        val_probs=ensemble.soft_vote([m.val_probs for m in members], weights),
+        test_probs_uncalibrated=raw_test, test_probs=ensemble.apply_temperature(raw_test, desc["temperature"]))
+
+
+def member_comparison(ens: EnsemblePredictions, n_resamples: int = 1000) -> pd.DataFrame:
+    """Each member against the ensemble on the same test images: accuracies and the ensemble's accuracy gain
+    with a paired stratified bootstrap interval (`ensemble.paired_acc_gain`).
+
+    Returns:
+        Columns `trial_id`, `weight`, `member_acc`, `ensemble_acc`, `gain`, `gain_lo`, `gain_hi`.
+    """
+    from cxr_search.ensemble import paired_acc_gain
+
+    y = ens.test_labels
+    ensemble_acc = float((ens.test_probs.argmax(1) == y).mean())
+    rows = []
+    for member, weight in zip(ens.members, ens.weights, strict=True):
+        gain, lo, hi = paired_acc_gain(y, ens.test_probs, member.test_probs, n_resamples=n_resamples)
+        rows.append({"trial_id": member.trial_id, "weight": float(weight),
+                     "member_acc": float((member.test_probs.argmax(1) == y).mean()), "ensemble_acc": ensemble_acc,
+                     "gain": gain, "gain_lo": lo, "gain_hi": hi})
+    return pd.DataFrame(rows)

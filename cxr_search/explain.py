@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_search import storage
 from cxr_search.errors import CxrError
+from cxr_search.io import storage
 
 METHODS = ("gradcam", "hirescam", "lime")
 # Class-activation methods of the grad-cam package. Grad-CAM averages the gradient over the map, which is exact
@@ -97,7 +97,7 @@ def gradcam_maps(predictor: Any, images_uint8: np.ndarray, targets: Sequence[int
     import torch
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from cxr_search import engine
+    from cxr_search.training.runtime import Runtime, model_input
 
     cam_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
     n, size = len(images_uint8), images_uint8.shape[-1]
@@ -106,11 +106,11 @@ def gradcam_maps(predictor: Any, images_uint8: np.ndarray, targets: Sequence[int
     device = torch.device(predictor.device)
     for member, w in zip(predictor.members, weights / weights.sum(), strict=True):
         model = member.model.to(device, memory_format=torch.channels_last).eval()
-        rt = engine.Runtime.for_model(model, member.cfg, device)
+        rt = Runtime.for_model(model, member.cfg, device)
         with cam_class(model=model, target_layers=[target_layer(model)]) as cam:
             for start in range(0, n, batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(images_uint8[start : start + batch_size]))
-                x = engine.model_input(batch.to(device).unsqueeze(1), rt, member.cfg, augment=False)
+                x = model_input(batch.to(device).unsqueeze(1), rt, member.cfg, augment=False)
                 # gradients must reach the target layer even when the layers before it are frozen
                 x = x.detach().requires_grad_(True)
                 chosen = [ClassifierOutputTarget(int(t)) for t in targets[start : start + batch_size]]
@@ -401,13 +401,13 @@ def untrained_copy(predictor: Any) -> Any:
 
     import torch
 
-    from cxr_search import engine
+    from cxr_search.training.runtime import model_from_config
 
     members = []
     for m in predictor.members:
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
             torch.manual_seed(m.cfg.seed)
-            model = engine.model_from_config(m.cfg.replace(pretrained="none"), num_classes=len(predictor.classes))
+            model = model_from_config(m.cfg.replace(pretrained="none"), num_classes=len(predictor.classes))
         members.append(dataclasses.replace(m, name=f"untrained {m.cfg.backbone}", model=model.eval()))
     return dataclasses.replace(predictor, members=members)
 

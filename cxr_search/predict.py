@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_search import CLASSES, storage
+from cxr_search import CLASSES
 from cxr_search.data.preprocess import Preprocessing, locate
 from cxr_search.errors import CxrError
-from cxr_search.experiment import PLAN_FILE, RESULTS_FILE, Experiment
+from cxr_search.experiment.folder import Experiment
+from cxr_search.io import storage
+from cxr_search.io.layout import PLAN_FILE, RESULTS_FILE
 
 ENSEMBLE_FILE = "ensemble.json"
 CHUNK = 256  # files decoded per model pass: bounds memory, keeps the device busy
@@ -60,12 +62,12 @@ class Predictor:
         Returns:
             float64 [N, n_classes], rows summing to 1, columns in ``classes`` order.
         """
-        from cxr_search import engine
         from cxr_search.ensemble import apply_temperature, soft_vote
+        from cxr_search.training.evaluation import predict_proba
 
         if len(images_uint8) == 0:
             return np.zeros((0, len(self.classes)))
-        probs = [engine.predict_proba(m.model, images_uint8, cfg=m.cfg, device=self.device) for m in self.members]
+        probs = [predict_proba(m.model, images_uint8, cfg=m.cfg, device=self.device) for m in self.members]
         return apply_temperature(soft_vote(probs, [m.weight for m in self.members]), self.temperature)
 
     def describe(self) -> str:
@@ -86,15 +88,16 @@ def load(source: str | Path, *, device: str = "auto") -> Predictor:
     Raises:
         CxrError: the source is none of these, a member's checkpoint is missing, or no preprocessing is recorded.
     """
-    from cxr_search import engine
+    from cxr_search.training.model_folder import load_best_model
+    from cxr_search.training.runtime import resolve_device
 
     source = storage.path(source)
-    dev = str(engine.resolve_device(device))
+    dev = str(resolve_device(device))
     if not source.exists():
         raise CxrError(f"{source} does not exist; pass an experiment folder, an ensemble.json or a checkpoint folder.")
     ens_file = _ensemble_file(source)
     if ens_file is None:
-        model, cfg = engine.load_best_model(source)
+        model, cfg = load_best_model(source)
         prep = locate(folders=[source], fallback=_plan_preprocessing(_experiment_of(source)), where=str(source))
         member = Member(source.name, model, cfg, 1.0, source)
         return Predictor(source, "checkpoint", [member], 1.0, CLASSES, prep, dev)
@@ -111,7 +114,7 @@ def load(source: str | Path, *, device: str = "auto") -> Predictor:
     members = []
     for entry in entries:
         folder = _member_folder(str(entry["checkpoint_dir"]), exp_dir, ens_file)
-        model, cfg = engine.load_best_model(folder)
+        model, cfg = load_best_model(folder)
         members.append(Member(str(entry["trial_id"]), model, cfg, float(entry["weight"]), folder))
     if not members:
         raise CxrError(f"{ens_file}: the ensemble has no members; rebuild it with `cxr-search ensemble EXP`.")

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_search import storage
 from cxr_search.errors import CxrError
-from cxr_search.experiment import Experiment, config_fields, config_key
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.trials import config_fields, config_key
+from cxr_search.io import storage
 
 # Test metrics whose seed-to-seed spread is summarised (the study's 50-run table reports these).
 SUMMARY_METRICS = ("acc", "macro_f1", "normal_recall", "covid_recall_vs_pneumonia")

@@ -19,8 +19,8 @@ import yaml
 
 from cxr_search.config import CHOICES, TrialConfig
 from cxr_search.errors import CxrError
+from cxr_search.io.paths import search_spaces_dir
 from cxr_search.metrics import VALIDATION_METRICS as VAL_METRICS
-from cxr_search.paths import search_spaces_dir
 
 DOMAINS = ("choice", "loguniform", "uniform", "randint", "grid", "constant")
 SEARCHERS = ("optuna", "random", "grid")

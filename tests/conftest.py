@@ -144,7 +144,8 @@ def smoke_experiments(tmp_path_factory, _private_cache_and_experiments) -> dict[
     import subprocess
     import sys
 
-    from cxr_search import experiment
+    from cxr_search.experiment.folder import Experiment
+    from cxr_search.experiment.results import build_results, write_results
 
     root = tmp_path_factory.mktemp("smoke")
 
@@ -157,7 +158,7 @@ def smoke_experiments(tmp_path_factory, _private_cache_and_experiments) -> dict[
     search_only, full = root / "search_only", root / "full"
     shutil.copytree(search_only, full, ignore=shutil.ignore_patterns(".lock"))
     # the copy's table must name its own trial folders and predictions (results.parquet holds absolute paths)
-    experiment.write_results(full, experiment.build_results(full, experiment.Experiment.open(full).objective))
+    write_results(full, build_results(full, Experiment.open(full).objective))
     cli("retrain", str(full), "--top", "1", "--seeds", "2", "--max-epochs", "1")
     cli("ensemble", str(full), "--top", "3")
     return {"search_only": search_only, "full": full}

@@ -24,15 +24,15 @@ def test_the_layer_contracts_hold():
     assert "3 kept, 0 broken" in proc.stdout
 
 
-def test_an_upward_import_breaks_the_layers_and_a_ray_import_below_search_is_caught(tmp_path):
+def test_an_upward_import_breaks_the_layers_and_a_ray_import_below_tuning_is_caught(tmp_path):
     shutil.copytree(ROOT / "cxr_search", tmp_path / "cxr_search", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    engine = tmp_path / "cxr_search" / "engine.py"
-    engine.write_text(engine.read_text() + "\nfrom cxr_search.search import tune  # noqa: E402,F401\n")
-    experiment = tmp_path / "cxr_search" / "experiment.py"
-    experiment.write_text(experiment.read_text() + "\nimport ray  # noqa: E402,F401\n")
+    loop = tmp_path / "cxr_search" / "training" / "loop.py"
+    loop.write_text(loop.read_text() + "\nfrom cxr_search.tuning import stages  # noqa: E402,F401\n")
+    results = tmp_path / "cxr_search" / "experiment" / "results.py"
+    results.write_text(results.read_text() + "\nimport ray  # noqa: E402,F401\n")
     proc = _lint_imports(tmp_path, tmp_path)
     assert proc.returncode != 0
-    assert "cxr_search.engine -> cxr_search.search.tune" in proc.stdout
-    assert "cxr_search.experiment -> ray" in proc.stdout
+    assert "cxr_search.training.loop -> cxr_search.tuning.stages" in proc.stdout
+    assert "cxr_search.experiment.results -> ray" in proc.stdout
     assert "BROKEN" in proc.stdout

@@ -197,10 +197,11 @@ def test_gpu_trials_without_a_gpu_are_refused_before_any_file(space_file, tmp_pa
 
 def test_trial_resources_must_fit_one_live_node_unless_the_cluster_may_grow(monkeypatch):
     from cxr_search.errors import CxrError
-    from cxr_search.search import tune as stage
     from cxr_search.space import parse_space
+    from cxr_search.tuning import resources
+    from cxr_search.tuning.resources import check_trial_resources, ray
 
-    monkeypatch.setattr(stage.ray, "nodes", lambda: [  # a GPU node, a CPU node and a dead big one
+    monkeypatch.setattr(ray, "nodes", lambda: [  # a GPU node, a CPU node and a dead big one
         {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 32.0}},
         {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}])
 
@@ -208,30 +209,32 @@ def test_trial_resources_must_fit_one_live_node_unless_the_cluster_may_grow(monk
         return parse_space({"searcher": "random", "scheduler": "fifo", "resources": {"cpu": cpu, "gpu": gpu},
                             "trial": {"backbone": "cnn3"}}, "s.yaml")
 
-    assert stage.check_trial_resources(spec(16, 0), address=None) == []  # the CPU node fits it
-    assert stage.check_trial_resources(spec(8, 0.5), address=None) == []  # the GPU node fits it
+    assert check_trial_resources(spec(16, 0), address=None) == []  # the CPU node fits it
+    assert check_trial_resources(spec(8, 0.5), address=None) == []  # the GPU node fits it
     with pytest.raises(CxrError, match=r"asks for 2 GPUs \(--gpus-per-trial or resources.gpu in s.yaml\) but "
                                        r"the largest node of this machine's Ray has 1"):
-        stage.check_trial_resources(spec(1, 2), address=None)
+        check_trial_resources(spec(1, 2), address=None)
     with pytest.raises(CxrError, match="16 CPUs and 1 GPU on one node .* with that GPU share have at most 8 CPUs"):
-        stage.check_trial_resources(spec(16, 1), address=None)
-    monkeypatch.setattr(stage, "_may_autoscale", lambda: False)
+        check_trial_resources(spec(16, 1), address=None)
+    monkeypatch.setattr(resources, "may_autoscale", lambda: False)
     with pytest.raises(CxrError, match="of the cluster at auto has 32"):
-        stage.check_trial_resources(spec(48, 0), address="auto")
-    monkeypatch.setattr(stage, "_may_autoscale", lambda: True)
-    notes = stage.check_trial_resources(spec(48, 0), address="auto")
+        check_trial_resources(spec(48, 0), address="auto")
+    monkeypatch.setattr(resources, "may_autoscale", lambda: True)
+    notes = check_trial_resources(spec(48, 0), address="auto")
     assert len(notes) == 1 and "wait for the autoscaler" in notes[0]
 
 
 def test_a_trial_pending_too_long_is_explained_once_per_period(monkeypatch):
-    from cxr_search.search import tune as stage
+    from cxr_search.tuning.callbacks import PendingWatch
+    from cxr_search.tuning.resources import ray
+    from cxr_search.tuning.trainable import KEY
 
-    monkeypatch.setattr(stage.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
-    monkeypatch.setattr(stage.ray, "available_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})
     now, said = [0.0], []
-    watch = stage.PendingWatch(after_s=60, clock=lambda: now[0], say=said.append)
+    watch = PendingWatch(after_s=60, clock=lambda: now[0], say=said.append)
     pgf = SimpleNamespace(required_resources={"CPU": 4.0, "GPU": 0})
-    waiting = SimpleNamespace(trial_id="t1", status="PENDING", config={stage.KEY: "0003"}, placement_group_factory=pgf)
+    waiting = SimpleNamespace(trial_id="t1", status="PENDING", config={KEY: "0003"}, placement_group_factory=pgf)
     for t in (0, 30, 59):
         now[0] = t
         watch.on_step_begin(0, [waiting])
@@ -243,10 +246,10 @@ def test_a_trial_pending_too_long_is_explained_once_per_period(monkeypatch):
     watch.on_step_begin(0, [waiting])
     assert len(said) == 1  # not again within the period
     # a trial that fits a node while others run is an ordinary queue: nothing to explain
-    queued = SimpleNamespace(trial_id="t2", status="PENDING", config={stage.KEY: "0004"},
+    queued = SimpleNamespace(trial_id="t2", status="PENDING", config={KEY: "0004"},
                              placement_group_factory=SimpleNamespace(required_resources={"CPU": 1.0}))
     running = SimpleNamespace(trial_id="t3", status="RUNNING")
-    quiet = stage.PendingWatch(after_s=60, clock=lambda: now[0], say=said.append)
+    quiet = PendingWatch(after_s=60, clock=lambda: now[0], say=said.append)
     for t in (0, 500):
         now[0] = t
         quiet.on_step_begin(0, [queued, running])
@@ -299,7 +302,8 @@ def tiny_exp(tmp_path_factory, tiny_phantoms) -> Path:
     from test_predict import SIZE, finished_experiment
 
     from cxr_search.data.prepare import prepare
-    from cxr_search.experiment import DataConfig, Experiment
+    from cxr_search.experiment.folder import Experiment
+    from cxr_search.experiment.plan import DataConfig
 
     torch.set_num_threads(2)
     data = prepare(tiny_phantoms, size=SIZE, progress=False)

@@ -25,7 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cxr_search.experiment import Experiment, trial_dirs, trial_end, trial_events
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.trials import trial_dirs, trial_end, trial_events
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(__file__).with_name("ray_loopback.py")

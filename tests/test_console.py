@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from cxr_search.experiment import Objective
-from cxr_search.search.console import TrialConsole, asha_milestones
+from cxr_search.experiment.plan import Objective
+from cxr_search.tuning.console import TrialConsole, asha_milestones
 
 
 def _trial(key: str, **config):

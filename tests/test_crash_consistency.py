@@ -28,8 +28,19 @@ import pandas as pd
 import pytest
 from test_search_tune import TINY, assert_journal_matches_results
 
-from cxr_search import engine, experiment, storage
-from cxr_search.experiment import Experiment
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.plan import STAGES
+from cxr_search.experiment.trials import (
+    config_fields,
+    config_key,
+    trial_dirs,
+    trial_end,
+    trial_events,
+    trial_history,
+)
+from cxr_search.io import storage
+from cxr_search.io.layout import JOURNAL_FILE, PLAN_FILE, RETRAIN_DIR, SUMMARY_FILE
+from cxr_search.training.model_folder import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -72,26 +83,26 @@ def reference(setup):
 
 def _completed(exp: Path) -> tuple[str, ...]:
     try:
-        return tuple(storage.read_json(exp / experiment.PLAN_FILE)["completed"])
+        return tuple(storage.read_json(exp / PLAN_FILE)["completed"])
     except (OSError, ValueError, KeyError):
         return ()
 
 
 def _stage_dirs(exp: Path) -> list[Path]:
-    return [exp, exp / experiment.RETRAIN_DIR]
+    return [exp, exp / RETRAIN_DIR]
 
 
 def _histories(stage_dir: Path) -> dict[str, list[dict]]:
-    return {t.trial_id: engine.read_history(t.path) for t in experiment.trial_dirs(stage_dir)}
+    return {t.trial_id: read_history(t.path) for t in trial_dirs(stage_dir)}
 
 
 def _ended(stage_dir: Path) -> dict[str, list[dict]]:
     """Trials that ended by the experiment's own records, with their history at this moment."""
-    events = experiment.trial_events(stage_dir)
+    events = trial_events(stage_dir)
     out = {}
-    for t in experiment.trial_dirs(stage_dir):
-        if experiment.trial_end(t.path, events.get(t.trial_id)) is not None:
-            out[t.trial_id] = engine.read_history(t.path)
+    for t in trial_dirs(stage_dir):
+        if trial_end(t.path, events.get(t.trial_id)) is not None:
+            out[t.trial_id] = read_history(t.path)
     return out
 
 
@@ -100,7 +111,7 @@ def _epochs(stage_dir: Path) -> int:
 
 
 def _journal_trials(exp: Path) -> int:
-    path = exp / experiment.JOURNAL_FILE
+    path = exp / JOURNAL_FILE
     return sum(1 for r in storage.read_records(path) if r.get("op_code") == 4) if path.is_file() else 0  # CREATE_TRIAL
 
 
@@ -111,14 +122,14 @@ class KillPoint:
 
 
 def _n_ended(exp: Path, stage: str = "search") -> int:
-    return len(_ended(exp if stage == "search" else exp / experiment.RETRAIN_DIR))
+    return len(_ended(exp if stage == "search" else exp / RETRAIN_DIR))
 
 
 POINTS = (
     KillPoint("0.5 s after the start (before any file)", lambda e, t: t >= 0.5),
-    KillPoint("plan written", lambda e, t: (e / experiment.PLAN_FILE).is_file()),
+    KillPoint("plan written", lambda e, t: (e / PLAN_FILE).is_file()),
     KillPoint("3 s into a resume (Ray starting, data loading)", lambda e, t: t >= 3.0),
-    KillPoint("first trial started", lambda e, t: bool(experiment.trial_events(e))),
+    KillPoint("first trial started", lambda e, t: bool(trial_events(e))),
     KillPoint("first epoch on disk", lambda e, t: _epochs(e) >= 1),
     KillPoint("first trial ended", lambda e, t: _n_ended(e) >= 1),
     KillPoint("journal holds 4 trials (mid-search)", lambda e, t: _journal_trials(e) >= 4),
@@ -126,7 +137,7 @@ POINTS = (
     KillPoint("finalize writing predictions", lambda e, t: len(list((e / "predictions").glob("*.json"))) >= 2
               or "search" in _completed(e)),
     KillPoint("search marked complete", lambda e, t: "search" in _completed(e)),
-    KillPoint("first retrain epoch on disk", lambda e, t: _epochs(e / experiment.RETRAIN_DIR) >= 1),
+    KillPoint("first retrain epoch on disk", lambda e, t: _epochs(e / RETRAIN_DIR) >= 1),
     KillPoint("a retrain trial ended", lambda e, t: _n_ended(e, "retrain") >= 1),
     KillPoint("retrain marked complete (ensemble next)", lambda e, t: "retrain" in _completed(e)),
 )
@@ -143,9 +154,9 @@ class Kill:
 
 def _stage_now(exp: Path) -> str:
     done = _completed(exp)
-    for name in experiment.STAGES:
+    for name in STAGES:
         if name not in done:
-            return name if (exp / experiment.PLAN_FILE).is_file() else "planning"
+            return name if (exp / PLAN_FILE).is_file() else "planning"
     return "summary"
 
 
@@ -171,7 +182,7 @@ def test_killing_the_driver_anywhere_loses_and_repeats_nothing(setup, reference)
     elsewhere = root / "elsewhere"  # resumes run from another working directory: the plan's paths are absolute
     elsewhere.mkdir(exist_ok=True)
     for point in POINTS:
-        if (exp / experiment.PLAN_FILE).is_file():
+        if (exp / PLAN_FILE).is_file():
             args, cwd = ("resume", str(exp)), elsewhere
         else:  # killed before the plan existed: the run never started, so it is started again
             args, cwd = ("run", str(space), "--name", "killed", "--storage", str(storage_root), *RUN_ARGS), None
@@ -214,17 +225,17 @@ def test_killing_the_driver_anywhere_loses_and_repeats_nothing(setup, reference)
 
 
 def _assert_same_experiment(ref: Experiment, got: Experiment) -> None:
-    assert set(got.plan.completed) == set(ref.plan.completed) == set(experiment.STAGES)
-    assert (got.path / experiment.SUMMARY_FILE).is_file()
+    assert set(got.plan.completed) == set(ref.plan.completed) == set(STAGES)
+    assert (got.path / SUMMARY_FILE).is_file()
     for stage in ("search", "retrain"):
         a, b = ref.results(stage).set_index("trial_id"), got.results(stage).set_index("trial_id")
         assert sorted(a.index) == sorted(b.index), stage  # the same trials, none lost, none extra
         for key in a.index:
-            ca, cb = experiment.config_fields(a.loc[key].to_dict()), experiment.config_fields(b.loc[key].to_dict())
-            assert experiment.config_key(ca) == experiment.config_key(cb), f"{stage} {key}: {ca} != {cb}"
+            ca, cb = config_fields(a.loc[key].to_dict()), config_fields(b.loc[key].to_dict())
+            assert config_key(ca) == config_key(cb), f"{stage} {key}: {ca} != {cb}"
             assert a.loc[key, "seed"] == b.loc[key, "seed"]
-            ha = experiment.read_history(a.loc[key, "trial_dir"])
-            hb = experiment.read_history(b.loc[key, "trial_dir"])
+            ha = trial_history(a.loc[key, "trial_dir"])
+            hb = trial_history(b.loc[key, "trial_dir"])
             assert list(hb["epoch"]) == list(range(1, len(hb) + 1))  # every epoch once
             np.testing.assert_allclose(hb["val_loss"], ha["val_loss"], rtol=1e-6, err_msg=f"{stage} {key}")
             assert b.loc[key, "stop_reason"] == a.loc[key, "stop_reason"]

@@ -70,12 +70,12 @@ def test_too_few_images_skip_the_audit_with_a_reason():
 def test_shortcut_warning_reaches_the_top_of_summary_md(sourced, tmp_path):
     from test_ensemble import make_plan
 
-    from cxr_search import experiment
-    from cxr_search import report as summary
+    from cxr_search.experiment.folder import Experiment
+    from cxr_search.report.summary import build_summary
 
-    exp = experiment.Experiment.create(make_plan(), tmp_path)
+    exp = Experiment.create(make_plan(), tmp_path)
     exp.write_data_report(integrity.check(sourced, workers=1, progress=False).to_dict())
-    lines = summary.build_summary(exp.path).splitlines()
+    lines = build_summary(exp.path).splitlines()
     warning = next(i for i, line in enumerate(lines) if line.startswith("- **warning:** source shortcut"))
     assert lines.index("## Data warnings") < warning < 8  # at the top, before any result table
     assert "balanced accuracy" in lines[warning] and "vs chance 0.33" in lines[warning]

@@ -18,11 +18,16 @@ import pytest
 import ray
 from rich.console import Console
 
-from cxr_search import engine, storage
 from cxr_search.config import TrialConfig
-from cxr_search.experiment import Experiment, trial_dirs, trial_events
-from cxr_search.search import tune as stage
-from cxr_search.search.pipeline import run_pipeline
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.trials import trial_dirs, trial_events
+from cxr_search.io import storage
+from cxr_search.pipeline import run_pipeline
+from cxr_search.training.faults import FAULTS_ENV
+from cxr_search.training.loop import fit
+from cxr_search.training.model_folder import CONFIG_FILE, HISTORY_FILE, read_history
+from cxr_search.tuning.cluster import init_ray
+from cxr_search.tuning.searcher import optuna_storage
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +54,9 @@ QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - module lifetime
 @pytest.fixture(scope="module")
 def ddp_search(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    saved = {k: os.environ.get(k) for k in ("CXR_SEARCH_CACHE", engine.FAULTS_ENV)}
+    saved = {k: os.environ.get(k) for k in ("CXR_SEARCH_CACHE", FAULTS_ENV)}
     os.environ["CXR_SEARCH_CACHE"] = str(cache)
-    os.environ[engine.FAULTS_ENV] = json.dumps({"kind": "kill", "epoch": 2})
+    os.environ[FAULTS_ENV] = json.dumps({"kind": "kill", "epoch": 2})
     space = tmp_path_factory.mktemp("space") / "ddp.yaml"
     space.write_text(SPACE)
     root = tmp_path_factory.mktemp("exps")
@@ -63,14 +68,14 @@ def ddp_search(tmp_path_factory):
             for marker in root.glob("ddp/trial_*/.fault-kill-e0002"):
                 key = marker.parent.name
                 if key not in seen_before_kill:
-                    records = storage.read_records(marker.parent / engine.HISTORY_FILE)
+                    records = storage.read_records(marker.parent / HISTORY_FILE)
                     if records:
                         seen_before_kill[key] = records[0]
             time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    stage.init_ray(num_cpus=3)  # logical CPUs: two workers at 0.5 and the trial's driver at 0.1
+    init_ray(num_cpus=3)  # logical CPUs: two workers at 0.5 and the trial's driver at 0.1
     try:
         exp = run_pipeline(space, name="ddp", storage=str(root), stages=("search",), console=QUIET)
     finally:
@@ -90,13 +95,13 @@ def test_two_worker_trials_finish_in_a_search_after_a_killed_worker(ddp_search):
     trials = trial_dirs(exp.path)
     events = trial_events(exp.path)
     assert exp.is_complete("search") and len(trials) == exp.plan.space.num_samples
-    study = optuna.load_study(study_name="ddp", storage=stage.optuna_storage(exp.journal))
+    study = optuna.load_study(study_name="ddp", storage=optuna_storage(exp.journal))
     assert [t.state.is_finished() for t in study.trials] == [True] * len(trials)  # Optuna heard of every trial
     for trial in trials:
         assert events[trial.trial_id]["event"] == "complete"
         assert (trial.path / "ray_train").is_dir()  # trained by a Ray Train run, not in the trial's own process
         assert (trial.path / ".fault-kill-e0002").exists()  # rank 0 was killed in epoch 2 ...
-        history = engine.read_history(trial.path)
+        history = read_history(trial.path)
         assert [h["epoch"] for h in history] == [1, 2]  # ... and the trial still has each epoch once
         assert history[-1]["stop_reason"] == "max_epochs"
         # Recovered from the folder: epoch 1 as written before the kill, not trained again.
@@ -108,7 +113,7 @@ def test_two_workers_give_the_first_epoch_loss_of_one(ddp_search):
     exp, _ = ddp_search
     data = exp.plan.data.prepare(progress=False)
     for trial in trial_dirs(exp.path):
-        cfg = TrialConfig.from_dict(storage.read_json(trial.path / engine.CONFIG_FILE), source="config.json")
-        one = engine.fit(cfg.replace(max_epochs=1), data).history[0]["train_loss"]
-        two = engine.read_history(trial.path)[0]["train_loss"]
+        cfg = TrialConfig.from_dict(storage.read_json(trial.path / CONFIG_FILE), source="config.json")
+        one = fit(cfg.replace(max_epochs=1), data).history[0]["train_loss"]
+        two = read_history(trial.path)[0]["train_loss"]
         assert math.isclose(two, one, rel_tol=FIRST_EPOCH_RTOL), (trial.trial_id, one, two)

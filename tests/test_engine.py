@@ -10,11 +10,25 @@ import pytest
 import scipy.ndimage
 import torch
 
-from cxr_search import engine
 from cxr_search.config import TrialConfig
 from cxr_search.data.augment import augment_batch, random_affine_matrices, warp
 from cxr_search.data.prepare import PreparedData, SplitArrays
 from cxr_search.metrics import classification_metrics
+from cxr_search.training import compiling
+from cxr_search.training.compiling import COMPILE_MIN_STEPS, compile_mode, planned_steps
+from cxr_search.training.early_stopping import storable
+from cxr_search.training.evaluation import evaluate, predict_proba
+from cxr_search.training.faults import faults_from_env
+from cxr_search.training.loop import FitResult, fit
+from cxr_search.training.model_folder import (
+    RESUME_FILE,
+    CheckpointWriter,
+    best_files,
+    load_best_model,
+    read_history,
+    read_resume_state,
+    seal,
+)
 
 REPORT_KEYS = {
     "epoch",
@@ -89,9 +103,9 @@ def _fit_recording(cfg, data, folder, **kwargs):
     def report(metrics, history):
         assert history[-1] == metrics
         reported.append(metrics)
-        on_disk.append(engine.read_history(folder))
+        on_disk.append(read_history(folder))
 
-    return engine.fit(cfg, data, report=report, checkpoint_dir=folder, **kwargs), reported, on_disk
+    return fit(cfg, data, report=report, checkpoint_dir=folder, **kwargs), reported, on_disk
 
 
 # ---------------------------------------------------------------- augmentation
@@ -164,7 +178,7 @@ def test_every_optimizer_trains_with_each_balance_mode(optimizer):
         reg_strength=1e-3,
         deterministic=False,
     )
-    result = engine.fit(cfg, _data())
+    result = fit(cfg, _data())
     losses = [m["train_loss"] for m in result.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
@@ -179,7 +193,7 @@ def uninterrupted(tmp_path_factory):
     return result, root
 
 
-def _assert_same_run(a: engine.FitResult, b: engine.FitResult) -> None:
+def _assert_same_run(a: FitResult, b: FitResult) -> None:
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "stop_reason"):
         assert [m[key] for m in a.history] == [m[key] for m in b.history], key
     assert a.best_epoch == b.best_epoch and a.stop_reason == b.stop_reason
@@ -189,7 +203,7 @@ def _assert_same_run(a: engine.FitResult, b: engine.FitResult) -> None:
 
 
 def _faults(**fault):
-    return engine.faults_from_env(json.dumps(fault))
+    return faults_from_env(json.dumps(fault))
 
 
 def test_a_fault_mid_epoch_then_a_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
@@ -198,13 +212,13 @@ def test_a_fault_mid_epoch_then_a_resume_reproduces_the_uninterrupted_run(uninte
     faults = _faults(kind="raise", epoch=3)
     with pytest.raises(RuntimeError, match="fault injected at epoch 3"):
         _fit_recording(cfg, _data(), tmp_path, faults=faults)
-    assert [m["epoch"] for m in engine.read_history(tmp_path)] == [1, 2]
-    assert engine.read_resume_state(tmp_path)["epoch"] == 2
+    assert [m["epoch"] for m in read_history(tmp_path)] == [1, 2]
+    assert read_resume_state(tmp_path)["epoch"] == 2
     # the retry (same folder, same faults) resumes after epoch 2; the fault fires once per folder
     resumed, reported, _ = _fit_recording(cfg, _data(), tmp_path, faults=faults)
     assert [m["epoch"] for m in reported] == [3, 4]
     _assert_same_run(full, resumed)
-    assert [m["epoch"] for m in engine.read_history(tmp_path)] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in read_history(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_a_resume_discards_what_an_attempt_wrote_after_its_last_resume_state(uninterrupted, tmp_path):
@@ -212,41 +226,41 @@ def test_a_resume_discards_what_an_attempt_wrote_after_its_last_resume_state(uni
     cfg = _cfg(patience=10)
     # resume states only every 2 epochs: the attempt dies in epoch 4 with epoch 3 on disk but no state for it
     with pytest.raises(RuntimeError):
-        engine.fit(cfg, _data(), checkpoint_dir=tmp_path, checkpoint_every=2, faults=_faults(kind="raise", epoch=4))
-    assert len(engine.read_history(tmp_path)) == 3 and engine.read_resume_state(tmp_path)["epoch"] == 2
-    resumed = engine.fit(cfg, _data(), checkpoint_dir=tmp_path, checkpoint_every=2)
+        fit(cfg, _data(), checkpoint_dir=tmp_path, checkpoint_every=2, faults=_faults(kind="raise", epoch=4))
+    assert len(read_history(tmp_path)) == 3 and read_resume_state(tmp_path)["epoch"] == 2
+    resumed = fit(cfg, _data(), checkpoint_dir=tmp_path, checkpoint_every=2)
     _assert_same_run(full, resumed)
-    assert [m["epoch"] for m in engine.read_history(tmp_path)] == [1, 2, 3, 4]  # epoch 3 once
+    assert [m["epoch"] for m in read_history(tmp_path)] == [1, 2, 3, 4]  # epoch 3 once
 
 
 def test_a_fault_marked_always_fires_on_every_attempt(tmp_path):
     faults = _faults(kind="raise", epoch=1, always=True, match={"backbone": "cnn3"})
     for _ in range(2):
         with pytest.raises(RuntimeError, match="fault injected"):
-            engine.fit(_cfg(max_epochs=1), _data(), checkpoint_dir=tmp_path, faults=faults)
-    engine.fit(_cfg(max_epochs=1, backbone="alexnet", deterministic=False), _data(n_train=24, n_eval=12),
+            fit(_cfg(max_epochs=1), _data(), checkpoint_dir=tmp_path, faults=faults)
+    fit(_cfg(max_epochs=1, backbone="alexnet", deterministic=False), _data(n_train=24, n_eval=12),
                faults=faults)  # another config is not matched
 
 
 def test_resuming_a_finished_run_trains_no_more(uninterrupted):
     full, root = uninterrupted
-    again = engine.fit(_cfg(patience=10), _data(), checkpoint_dir=root,
+    again = fit(_cfg(patience=10), _data(), checkpoint_dir=root,
                        report=lambda m, h: pytest.fail("no epoch should run"))
     _assert_same_run(full, again)
 
 
 def test_compile_auto_compiles_only_small_batch_gpu_runs_long_enough_to_win_it_back():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    long_run, short_run = engine.COMPILE_MIN_STEPS, engine.COMPILE_MIN_STEPS - 1
-    assert engine.compile_mode(_cfg(batch_size=32), gpu, long_run) == "reduce-overhead"  # CUDA graphs
-    assert engine.compile_mode(_cfg(batch_size=32), gpu, short_run) is None  # the compile would not pay
-    assert engine.compile_mode(_cfg(batch_size=256), gpu, long_run) is None  # not launch-bound
-    assert engine.compile_mode(_cfg(batch_size=32), cpu, long_run) is None  # a cold compile outlasts a CPU-budget trial
-    assert engine.compile_mode(_cfg(batch_size=32, compile="always"), cpu, 1) == "default"
-    assert engine.compile_mode(_cfg(batch_size=32, compile="never"), gpu, long_run) is None
+    long_run, short_run = COMPILE_MIN_STEPS, COMPILE_MIN_STEPS - 1
+    assert compile_mode(_cfg(batch_size=32), gpu, long_run) == "reduce-overhead"  # CUDA graphs
+    assert compile_mode(_cfg(batch_size=32), gpu, short_run) is None  # the compile would not pay
+    assert compile_mode(_cfg(batch_size=256), gpu, long_run) is None  # not launch-bound
+    assert compile_mode(_cfg(batch_size=32), cpu, long_run) is None  # a cold compile outlasts a CPU-budget trial
+    assert compile_mode(_cfg(batch_size=32, compile="always"), cpu, 1) == "default"
+    assert compile_mode(_cfg(batch_size=32, compile="never"), gpu, long_run) is None
     # a 100-epoch trial of the study (5,145 training images, batch 32) compiles; a 4-epoch ASHA rung does not
     study = TrialConfig(batch_size=32, max_epochs=100)
-    assert engine.planned_steps(5145, study) >= engine.COMPILE_MIN_STEPS > engine.planned_steps(5145, study.replace(
+    assert planned_steps(5145, study) >= COMPILE_MIN_STEPS > planned_steps(5145, study.replace(
         max_epochs=4))
 
 
@@ -257,13 +271,13 @@ def test_a_compiled_run_trains_the_same_model_and_saves_a_plain_checkpoint(unint
         graphs.append(gm)
         return gm.forward
 
-    monkeypatch.setattr(engine, "COMPILE_BACKEND", capturing_backend)
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", capturing_backend)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     result, _, _ = _fit_recording(_cfg(patience=10, compile="always"), _data(), tmp_path / "run")
     assert graphs, "the training steps did not run through torch.compile"
     _assert_same_run(result, uninterrupted[0])
-    model, cfg = engine.load_best_model(tmp_path / "run")  # plain keys, no torch.compile wrapper names
+    model, cfg = load_best_model(tmp_path / "run")  # plain keys, no torch.compile wrapper names
     assert cfg.compile == "always" and not any("_orig_mod" in k for k in model.state_dict())
 
 
@@ -271,9 +285,9 @@ def test_a_model_that_fails_to_compile_trains_eagerly_and_says_so(uninterrupted,
     def failing_backend(gm, example_inputs):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(engine, "COMPILE_BACKEND", failing_backend)
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", failing_backend)
     torch._dynamo.reset()
-    with caplog.at_level("WARNING", logger="cxr_search.engine"):
+    with caplog.at_level("WARNING", logger="cxr_search.training.compiling"):
         result, _, _ = _fit_recording(_cfg(patience=10, compile="always"), _data(), tmp_path / "run")
     _assert_same_run(result, uninterrupted[0])
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
@@ -282,12 +296,12 @@ def test_a_model_that_fails_to_compile_trains_eagerly_and_says_so(uninterrupted,
 
 def test_a_finished_folder_keeps_its_best_weights_only(uninterrupted):
     full, root = uninterrupted
-    state = torch.load(root / engine.RESUME_FILE, weights_only=True)
+    state = torch.load(root / RESUME_FILE, weights_only=True)
     assert state["finished"] and "optimizer" not in state and "model" not in state
-    assert [e for e, _ in engine.best_files(root)] == [full.best_epoch]
+    assert [e for e, _ in best_files(root)] == [full.best_epoch]
     assert not list(root.glob(".*tmp*"))  # atomic writes leave no temporaries behind
-    model, cfg = engine.load_best_model(root)
-    ev = engine.evaluate(model, _data().test, cfg=cfg)
+    model, cfg = load_best_model(root)
+    ev = evaluate(model, _data().test, cfg=cfg)
     assert ev.metrics == pytest.approx(full.test, rel=1e-5, nan_ok=True)
     assert ev.probs.dtype == np.float32 and ev.probs.shape == (48, 3)
 
@@ -295,22 +309,22 @@ def test_a_finished_folder_keeps_its_best_weights_only(uninterrupted):
 def test_best_weights_are_kept_in_half_precision_unless_a_value_does_not_fit():
     small = torch.tensor([0.5, -1.25e-3, 3.0])
     big = torch.tensor([1.0, 7.0e4])  # e.g. a BatchNorm running variance early in training
-    assert engine._storable(small).dtype == torch.float16
-    assert torch.equal(engine._storable(big), big)  # float16 would turn 70000 into inf
-    assert engine._storable(torch.tensor([1, 2])).dtype == torch.int64
+    assert storable(small).dtype == torch.float16
+    assert torch.equal(storable(big), big)  # float16 would turn 70000 into inf
+    assert storable(torch.tensor([1, 2])).dtype == torch.int64
 
 
 def test_checkpoints_by_time_skip_epochs_but_the_end_is_always_written(tmp_path):
     written = []
-    real = engine._CheckpointWriter._write_state
+    real = CheckpointWriter._write_state
 
     def spy(self, state):
         written.append((state["epoch"], state["finished"]))
         real(self, state)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine._CheckpointWriter, "_write_state", spy)
-        engine.fit(_cfg(max_epochs=4, patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every_s=3600)
+        mp.setattr(CheckpointWriter, "_write_state", spy)
+        fit(_cfg(max_epochs=4, patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every_s=3600)
     assert written == [(4, True)]  # an hour between resume states: only the final, lean one
 
 
@@ -324,14 +338,14 @@ def test_seal_makes_a_scheduler_stopped_run_lean_with_its_newest_best_weights(tm
             raise Stop
 
     with pytest.raises(Stop):
-        engine.fit(_cfg(patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every=2, report=report)
-    history = engine.read_history(tmp_path)
+        fit(_cfg(patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every=2, report=report)
+    history = read_history(tmp_path)
     best = min(history, key=lambda h: h["val_loss"])["epoch"]
-    engine.seal(tmp_path)
-    state = engine.read_resume_state(tmp_path)
+    seal(tmp_path)
+    state = read_resume_state(tmp_path)
     assert state["finished"] and state["epoch"] == 3 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
-    assert [e for e, _ in engine.best_files(tmp_path)] == [best]
-    engine.load_best_model(tmp_path)
+    assert [e for e, _ in best_files(tmp_path)] == [best]
+    load_best_model(tmp_path)
 
 
 def test_early_stopping_waits_patience_epochs_and_tests_the_best_weights(tmp_path):
@@ -346,21 +360,21 @@ def test_early_stopping_waits_patience_epochs_and_tests_the_best_weights(tmp_pat
     assert val_losses[best - 1] == min(val_losses) and result.best_val["loss"] == val_losses[best - 1]
     assert all(v >= val_losses[best - 1] for v in val_losses[best:])
 
-    model, loaded_cfg = engine.load_best_model(tmp_path)
+    model, loaded_cfg = load_best_model(tmp_path)
     assert loaded_cfg == cfg and not model.training
-    test_probs = engine.predict_proba(model, data.test.images, cfg=loaded_cfg)
+    test_probs = predict_proba(model, data.test.images, cfg=loaded_cfg)
     np.testing.assert_allclose(test_probs, result.test_probs, atol=1e-6)
     assert result.test == pytest.approx(
         classification_metrics(data.test.labels, test_probs), rel=1e-5, nan_ok=True
     )
-    val_probs = engine.predict_proba(model, data.val.images, cfg=loaded_cfg, batch_size=7)
+    val_probs = predict_proba(model, data.val.images, cfg=loaded_cfg, batch_size=7)
     np.testing.assert_allclose(val_probs, result.val_probs, atol=1e-6)
     assert result.best_val["macro_f1"] == pytest.approx(result.history[best - 1]["val_macro_f1"])
 
 
 def test_model_smaller_than_the_input_minimum_is_upsampled_on_the_device():
     # AlexNet needs >= 63 px; a 32 px smoke data set must still train and evaluate.
-    result = engine.fit(
+    result = fit(
         _cfg(backbone="alexnet", max_epochs=1, deterministic=False), _data(n_train=24, n_eval=12)
     )
     assert result.test_probs.shape == (12, 3)
@@ -376,7 +390,7 @@ def test_cnn3_learns_the_phantoms_within_a_few_cpu_epochs(tmp_path, monkeypatch)
     phantoms.generate(tmp_path / "phantoms", n_images=400, size=96, difficulty="easy", progress=False)
     data = prepare(tmp_path / "phantoms", size=48, progress=False)
     cfg = TrialConfig(backbone="cnn3", device="cpu", max_epochs=6, optimizer="adam", lr=2e-3, augment=False)
-    result = engine.fit(cfg, data)
+    result = fit(cfg, data)
     assert result.best_val["macro_f1"] > 0.6  # chance is 1/3
     assert result.test["macro_f1"] > 0.5
 
@@ -395,6 +409,6 @@ def test_train_command_smoke_saves_a_loadable_checkpoint(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "test acc" in res.output
     saved = json.loads((out / "result.json").read_text())
-    model, cfg = engine.load_best_model(out)
+    model, cfg = load_best_model(out)
     assert cfg.backbone == "cnn3" and len(saved["history"]) == cfg.max_epochs
     assert set(saved["test"]) >= {"acc", "normal_recall", "covid_recall_vs_pneumonia"}

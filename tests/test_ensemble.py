@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, log_loss
 
-from cxr_search import CLASSES, experiment
+from cxr_search import CLASSES
 from cxr_search.ensemble import (
     apply_temperature,
     build_ensemble,
@@ -20,6 +20,10 @@ from cxr_search.ensemble import (
     soft_vote,
 )
 from cxr_search.errors import CxrError
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.plan import DataConfig, Plan
+from cxr_search.experiment.results import write_predictions, write_results
+from cxr_search.experiment.trials import config_key
 from cxr_search.metrics import nll
 from cxr_search.space import parse_space
 
@@ -33,18 +37,18 @@ def synthetic_predictions(y: np.ndarray, *, skill: float, overconfidence: float,
     return e / e.sum(1, keepdims=True)
 
 
-def make_plan(name: str = "exp", metric: str = "val_loss", mode: str = "min") -> experiment.Plan:
+def make_plan(name: str = "exp", metric: str = "val_loss", mode: str = "min") -> Plan:
     """A minimal plan for experiments made by hand in tests."""
     space = parse_space({"metric": metric, "mode": mode, "searcher": "random", "trial": {"backbone": "cnn3"}},
                         "test space")
-    return experiment.Plan(name=name, space=space, data=experiment.DataConfig())
+    return Plan(name=name, space=space, data=DataConfig())
 
 
 def make_experiment(root: Path, *, n_trials: int = 4, n_val: int = 120, n_test: int = 150, seed: int = 0,
                     test_override=None, same_config=()) -> Path:
     """A finished search on disk without training: pipeline.json, results.parquet, predictions/*.npz|json."""
     rng = np.random.default_rng(seed)
-    exp = experiment.Experiment.create(make_plan(), root)
+    exp = Experiment.create(make_plan(), root)
     y_val = rng.integers(0, 3, n_val)
     y_test = rng.integers(0, 3, n_test)
     rows = []
@@ -54,16 +58,16 @@ def make_experiment(root: Path, *, n_trials: int = 4, n_val: int = 120, n_test: 
         if test_override is not None:
             test = test_override(i, test)
         tid = f"{i:04d}"
-        path = experiment.write_predictions(exp.path, tid, val_labels=y_val, val_probs=val, test_labels=y_test,
+        path = write_predictions(exp.path, tid, val_labels=y_val, val_probs=val, test_labels=y_test,
                                             test_probs=test, metrics={}, model_file="best-e0001.pt")
         # trials listed in same_config repeat trial 0's configuration with another seed
         config = {"backbone": "cnn3", "optimizer": "rmsprop", "lr": 1e-3 * (1 if i in same_config else i + 1),
                   "seed": i if i in same_config else 0}
-        rows.append({"trial_id": tid, **config, "config_key": experiment.config_key(config),
+        rows.append({"trial_id": tid, **config, "config_key": config_key(config),
                      "best_val_loss": log_loss(y_val, val, labels=[0, 1, 2]),
                      "best_val_acc": accuracy_score(y_val, val.argmax(1)),
                      "predictions_path": str(path), "trial_dir": str(exp.path / f"trial_{tid}")})
-    experiment.write_results(exp.path, pd.DataFrame(rows))
+    write_results(exp.path, pd.DataFrame(rows))
     return exp.path
 
 
@@ -205,8 +209,8 @@ def test_ensemble_intervals_contain_the_point_and_shrink_with_more_test_images(t
 
 
 def test_a_temperature_at_its_bound_or_worse_test_calibration_is_flagged(tmp_path):
-    from cxr_search import report
     from cxr_search.ensemble import calibration_warnings
+    from cxr_search.report.summary import build_summary
 
     assert calibration_warnings(10.0, 0.1, 0.05, True)[0].startswith("the temperature hit the end")
     assert "made the test calibration worse (ECE 0.2028 -> 0.3449)" in calibration_warnings(1.3, 0.2028, 0.3449,
@@ -222,4 +226,4 @@ def test_a_temperature_at_its_bound_or_worse_test_calibration_is_flagged(tmp_pat
         np.savez(exp / "predictions" / f"{name}.npz", **arrays)
     saved = build_ensemble(exp, top_k=2, source="search", n_resamples=20)
     assert saved["ece_after"] > saved["ece_before"] and len(saved["calibration_warnings"]) == 1
-    assert "**warning:** temperature scaling made the test calibration worse" in report.build_summary(exp, n_resamples=20)
+    assert "**warning:** temperature scaling made the test calibration worse" in build_summary(exp, n_resamples=20)

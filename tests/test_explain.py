@@ -20,7 +20,7 @@ from cxr_search.data import phantoms
 from cxr_search.data.decode import decode
 from cxr_search.data.prepare import prepare
 from cxr_search.data.preprocess import Preprocessing
-from cxr_search.models import create_model
+from cxr_search.models.registry import create_model
 
 SIZE = 48  # lesions cover ~4% of the image: pointing at them by chance is rare
 EPOCHS = 6  # enough for cnn3 to find lesions, or the marker when it is there

@@ -16,8 +16,11 @@ from PIL import Image
 from test_ensemble import make_experiment
 from typer.testing import CliRunner
 
-from cxr_search import explain, html_report, metrics, report
+from cxr_search import explain, metrics
 from cxr_search.cli import app
+from cxr_search.ensemble import ensemble_predictions, member_comparison
+from cxr_search.report import html as html_report
+from cxr_search.report.summary import build_summary, fmt_ci
 
 SECTION_IDS = [key for key, _ in html_report.SECTIONS]
 # What the page looks like once loaded: sections, images that decoded, plotly charts drawn, "has not run" notes.
@@ -94,7 +97,7 @@ def test_report_renders_offline_in_headless_chromium(smoke_experiments, which, n
 def test_report_tables_are_the_summarys_and_the_ensemble_is_replayed_exactly(smoke_experiments):
     full = smoke_experiments["full"]
     page = html_report.build_report(full, n_resamples=200)
-    summary = report.build_summary(full, n_resamples=200)
+    summary = build_summary(full, n_resamples=200)
     cells = {c.strip() for line in summary.splitlines() if line.startswith("| ") for c in line.strip("|").split("|")}
     missing = [c for c in cells if c and f">{c.replace('<', '&lt;').replace('>', '&gt;')}<" not in page]
     assert not missing, f"summary.md cells absent from the report: {missing[:5]}"
@@ -102,16 +105,16 @@ def test_report_tables_are_the_summarys_and_the_ensemble_is_replayed_exactly(smo
     assert "done: search; also run on their own: retrain, ensemble;" in page
     assert page.index('id="data"') < page.index('id="search"') < page.index('id="seeds"') < page.index('id="ensemble"')
 
-    ens = report.ensemble_predictions(full)
+    ens = ensemble_predictions(full)
     saved, y = ens.description, ens.test_labels
     assert np.isclose((ens.test_probs.argmax(1) == y).mean(), saved["metrics"]["acc"][0])
     assert np.isclose(metrics.ece(ens.test_probs, y), saved["ece_after"])
     assert np.isclose(metrics.ece(ens.test_probs_uncalibrated, y), saved["ece_before"])
-    members = report.member_comparison(ens)
+    members = member_comparison(ens)
     assert list(members["trial_id"]) == [m["trial_id"] for m in saved["members"]]
     np.testing.assert_allclose(members.iloc[0][["gain", "gain_lo", "gain_hi"]].to_numpy(dtype=float),
                                saved["acc_gain_vs_best_single"])
-    assert report.ensemble_predictions(smoke_experiments["search_only"]) is None
+    assert ensemble_predictions(smoke_experiments["search_only"]) is None
 
 
 def test_explanations_and_warnings_come_from_the_experiment_and_nothing_else_runs(tmp_path):
@@ -131,7 +134,7 @@ def test_explanations_and_warnings_come_from_the_experiment_and_nothing_else_run
     data, explanations = _section(page, "data"), _section(page, "explanations")
     assert "non-anatomical marker" in data and "duplicate training images" in data
     assert "&lt;img src=x" in data and "<img src=x" not in page  # the data's text is escaped, never markup
-    assert report.fmt_ci(0.75, 0.65, 0.85, 3) in explanations
+    assert fmt_ci(0.75, 0.65, 0.85, 3) in explanations
     assert 'alt="Explanations: contact_sheet.gradcam.png"' in explanations and "not-run" not in explanations
     assert "No Optuna study" in _section(page, "search")
     for key, command in (("seeds", "cxr-search retrain"), ("ensemble", "cxr-search ensemble")):

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_search.experiment import Experiment, read_history
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.trials import trial_history
 
 
 def _free_port() -> int:
@@ -80,7 +81,7 @@ def _scalars(event_file: Path) -> dict[str, dict[int, float]]:
 def test_trial_event_files_hold_the_epoch_metrics_under_readable_tags(smoke_experiments):
     exp = Experiment.open(smoke_experiments["search_only"])
     for row in exp.results("search").to_dict("records"):
-        history = read_history(row["trial_dir"])
+        history = trial_history(row["trial_dir"])
         files = sorted(Path(row["trial_dir"]).glob("events.out.tfevents.*"))
         assert files, f"trial {row['trial_id']}: no TensorBoard event file"
         scalars = {}

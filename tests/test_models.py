@@ -7,7 +7,7 @@ from torch import nn
 
 from cxr_search.config import BACKBONES, HEADS, REGULARIZERS
 from cxr_search.errors import CxrError
-from cxr_search.models import MIN_INPUT_SIZE, create_model
+from cxr_search.models.registry import MIN_INPUT_SIZE, create_model
 
 
 @pytest.fixture(autouse=True)

@@ -14,13 +14,18 @@ from sklearn.metrics import accuracy_score, log_loss
 from test_engine import _few_threads  # noqa: F401  (autouse: torch on 2 threads, as in the engine tests)
 from typer.testing import CliRunner
 
-from cxr_search import CLASSES, engine, experiment, predict
+from cxr_search import CLASSES, predict
 from cxr_search.cli import app
 from cxr_search.config import TrialConfig
 from cxr_search.data.prepare import prepare
 from cxr_search.data.preprocess import PREPROCESSING_FILE, Preprocessing
 from cxr_search.ensemble import apply_temperature, build_ensemble, load_member, soft_vote
 from cxr_search.errors import CxrError
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.plan import DataConfig
+from cxr_search.experiment.results import finalize
+from cxr_search.io.layout import PLAN_FILE
+from cxr_search.training.loop import fit
 
 SIZE = 32
 
@@ -30,7 +35,7 @@ def train_member(data, folder: Path, seed: int, epochs: int = 2, batch_size: int
     cfg = TrialConfig.from_dict(dict(backbone="cnn3", device="cpu", deterministic=True, batch_size=batch_size,
                                      max_epochs=epochs, optimizer="adam", lr=3e-3 * (1 + seed), seed=seed,
                                      eval_batch_size=64))  # distinct configurations: an ensemble counts each once
-    engine.fit(cfg, data, checkpoint_dir=folder)
+    fit(cfg, data, checkpoint_dir=folder)
     return folder
 
 
@@ -38,10 +43,10 @@ def finished_experiment(root: Path, data, n_members: int = 2, epochs: int = 2, b
     """An experiment folder as a search leaves it (trial folders, predictions/, results.parquet), then its ensemble."""
     from test_ensemble import make_plan
 
-    exp = experiment.Experiment.create(make_plan().replace(data=experiment.DataConfig(size=SIZE)), root)
+    exp = Experiment.create(make_plan().replace(data=DataConfig(size=SIZE)), root)
     for i in range(n_members):
         train_member(data, exp.path / f"trial_{i:04d}", seed=i, epochs=epochs, batch_size=batch_size)
-    experiment.finalize(exp.path, data, exp.objective)  # what the search stage does after its trials
+    finalize(exp.path, data, exp.objective)  # what the search stage does after its trials
     build_ensemble(exp.path, top_k=n_members, source="search", weights="val", calibrate=True, n_resamples=20)
     return exp.path
 
@@ -111,7 +116,7 @@ def test_models_without_a_record_fall_back_to_the_experiment_plans_data_settings
     table = predict.predict_files(predict.load(old, device="cpu"), list(data.test.paths), progress=False)
     np.testing.assert_allclose(table[[f"p_{c}" for c in CLASSES]].to_numpy(), stored_test_probabilities(exp_path),
                                atol=1e-5)
-    (old / experiment.PLAN_FILE).unlink()  # and with no plan either, nothing says how to prepare an image
+    (old / PLAN_FILE).unlink()  # and with no plan either, nothing says how to prepare an image
     with pytest.raises(CxrError, match="no recorded preprocessing"):
         predict.load(old, device="cpu")
 

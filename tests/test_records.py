@@ -12,10 +12,16 @@ import pandas as pd
 import pytest
 from test_ensemble import make_plan
 
-from cxr_search import experiment, storage
 from cxr_search.errors import CxrError
-from cxr_search.experiment import Experiment, Objective
-from cxr_search.search import tune as stage
+from cxr_search.experiment.budget import estimate_seconds
+from cxr_search.experiment.folder import Experiment, exclusive
+from cxr_search.experiment.plan import EXPERIMENT_KIND, Objective, plan_run
+from cxr_search.experiment.results import build_results, finalize
+from cxr_search.experiment.trials import record_trial_event, trial_events
+from cxr_search.io import storage
+from cxr_search.io.layout import EVENTS_FILE, JOURNAL_FILE, PLAN_FILE, RESULTS_FILE
+from cxr_search.tuning.searcher import optuna_storage, reconcile_journal
+from cxr_search.tuning.stages import ended_keys
 
 # ---------------------------------------------------------------- storage
 
@@ -58,11 +64,11 @@ def test_open_refuses_what_is_not_an_experiment_and_changes_nothing(tmp_path):
     }
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / experiment.PLAN_FILE).write_text('{"kind": "cxr-search experiment", "format_ver')
+    (broken / PLAN_FILE).write_text('{"kind": "cxr-search experiment", "format_ver')
     cases["corrupt plan"] = (broken, "unreadable")
     old = tmp_path / "old"
     old.mkdir()
-    (old / experiment.PLAN_FILE).write_text(json.dumps({"kind": experiment.EXPERIMENT_KIND, "format_version": 1,
+    (old / PLAN_FILE).write_text(json.dumps({"kind": EXPERIMENT_KIND, "format_version": 1,
                                                         "cxr_search": "0.1.0"}))
     cases["other version"] = (old, "format 1")
     for name, (path, message) in cases.items():
@@ -77,7 +83,7 @@ def test_a_plan_round_trips_with_absolute_paths_and_reopens_from_anywhere(tmp_pa
     data = tmp_path / "data"
     data.mkdir()
     monkeypatch.chdir(tmp_path)
-    plan = experiment.plan_run("inception", data_dir="data", name="p", smoke=True)
+    plan = plan_run("inception", data_dir="data", name="p", smoke=True)
     assert plan.data.data_dir == str(data.resolve())
     Experiment.create(plan, "exps")
     monkeypatch.chdir("/")
@@ -94,17 +100,17 @@ def test_a_plan_round_trips_with_absolute_paths_and_reopens_from_anywhere(tmp_pa
 def test_a_bad_plan_fails_before_anything_is_written(tmp_path, monkeypatch, kwargs, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CxrError, match=message):
-        experiment.plan_run("inception", name="bad", **kwargs)
+        plan_run("inception", name="bad", **kwargs)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_second_driver_on_one_experiment_is_refused(tmp_path):
     exp = Experiment.create(make_plan(), tmp_path)
-    with experiment.exclusive(exp):
+    with exclusive(exp):
         with pytest.raises(CxrError, match="in use by cxr-search pid"):
-            with experiment.exclusive(Experiment.open(exp.path)):
+            with exclusive(Experiment.open(exp.path)):
                 pass
-    with experiment.exclusive(Experiment.open(exp.path)):  # released with the holder
+    with exclusive(Experiment.open(exp.path)):  # released with the holder
         pass
 
 
@@ -115,22 +121,28 @@ def _trial(stage_dir, key, losses, stop="", lean=False):
     """A model folder as engine.fit leaves it (history.jsonl, a best file, resume.pt)."""
     import torch
 
-    from cxr_search import engine
+    from cxr_search.training.model_folder import (
+        CONFIG_FILE,
+        FORMAT_VERSION,
+        HISTORY_FILE,
+        RESUME_FILE,
+        best_file_name,
+    )
 
     folder = stage_dir / f"trial_{key}"
     folder.mkdir(parents=True)
-    (folder / engine.CONFIG_FILE).write_text(json.dumps({"backbone": "cnn3", "lr": 0.01 * (int(key) + 1)}))
+    (folder / CONFIG_FILE).write_text(json.dumps({"backbone": "cnn3", "lr": 0.01 * (int(key) + 1)}))
     history = [{"epoch": e, "val_loss": v, "val_acc": 0.5, "train_acc": 0.6, "epoch_time_s": 1.0,
                 "stop_reason": stop if e == len(losses) else ""} for e, v in enumerate(losses, 1)]
     for row in history:
-        storage.append_record(folder / engine.HISTORY_FILE, row)
+        storage.append_record(folder / HISTORY_FILE, row)
     best = min(range(len(losses)), key=losses.__getitem__) + 1
-    torch.save({"format_version": engine.FORMAT_VERSION, "num_classes": 3, "epoch": best, "model": {}},
-               folder / engine.best_file_name(best))
-    state = {"format_version": engine.FORMAT_VERSION, "num_classes": 3, "epoch": len(losses), "finished": lean,
+    torch.save({"format_version": FORMAT_VERSION, "num_classes": 3, "epoch": best, "model": {}},
+               folder / best_file_name(best))
+    state = {"format_version": FORMAT_VERSION, "num_classes": 3, "epoch": len(losses), "finished": lean,
              "early_stopping": {"best_loss": min(losses), "best_epoch": best, "wait": 0, "best_val_metrics": {}},
-             "best_file": engine.best_file_name(best), "history": history, "stop_reason": stop}
-    torch.save(state, folder / engine.RESUME_FILE)
+             "best_file": best_file_name(best), "history": history, "stop_reason": stop}
+    torch.save(state, folder / RESUME_FILE)
     return folder
 
 
@@ -139,21 +151,21 @@ def test_how_a_trial_ended_comes_from_its_folder_and_the_event_log(tmp_path):
     _trial(tmp_path, "0001", [0.9, 0.95])  # stopped by the scheduler after epoch 2
     _trial(tmp_path, "0002", [0.9])  # failed every retry
     _trial(tmp_path, "0003", [1.0, 0.9])  # still running (or killed)
-    experiment.record_trial_event(tmp_path, "0001", "complete", stop_reason="")
-    experiment.record_trial_event(tmp_path, "0002", "retry", error="x")
-    experiment.record_trial_event(tmp_path, "0002", "error", error="RuntimeError: boom")
-    with open(tmp_path / experiment.EVENTS_FILE, "ab") as f:
+    record_trial_event(tmp_path, "0001", "complete", stop_reason="")
+    record_trial_event(tmp_path, "0002", "retry", error="x")
+    record_trial_event(tmp_path, "0002", "error", error="RuntimeError: boom")
+    with open(tmp_path / EVENTS_FILE, "ab") as f:
         f.write(b'{"trial_id": "0003", "event": "comp')  # the driver died mid-append: not an event
-    df = experiment.build_results(tmp_path, Objective()).set_index("trial_id")
+    df = build_results(tmp_path, Objective()).set_index("trial_id")
     assert list(df["status"]) == ["terminated", "terminated", "error", "running"]
     assert list(df["stop_reason"]) == ["max_epochs", "asha", "error", ""]
     assert df.loc["0002", "error"] == "RuntimeError: boom"
     assert df.loc["0000", "best_val_loss"] == 0.7 and df.loc["0001", "best_epoch"] == 1
-    assert stage.ended_keys(tmp_path) == {"0000", "0001", "0002"}
+    assert ended_keys(tmp_path) == {"0000", "0001", "0002"}
 
 
 def _study(tmp_path, n: int) -> optuna.Study:
-    study = optuna.create_study(study_name="s", storage=stage.optuna_storage(tmp_path / experiment.JOURNAL_FILE))
+    study = optuna.create_study(study_name="s", storage=optuna_storage(tmp_path / JOURNAL_FILE))
     for _i in range(n):
         study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
     if n:
@@ -166,24 +178,24 @@ def test_reconciling_the_journal_tells_it_what_the_folders_know(tmp_path):
     _trial(tmp_path, "0000", [0.6, 0.5], stop="max_epochs", lean=True)
     _trial(tmp_path, "0001", [0.9, 0.4, 0.45], stop="early_stopping", lean=True)  # journal never heard
     _trial(tmp_path, "0002", [0.9, 0.95])  # ASHA stopped it; the log has the event, the journal does not
-    experiment.record_trial_event(tmp_path, "0002", "complete", stop_reason="")
+    record_trial_event(tmp_path, "0002", "complete", stop_reason="")
     _trial(tmp_path, "0003", [1.0])  # unfinished: handed out again
     # trial 4 was asked but never started (no folder): handed out again
-    with open(tmp_path / experiment.JOURNAL_FILE, "ab") as f:
+    with open(tmp_path / JOURNAL_FILE, "ab") as f:
         f.write(b'{"op_code": 4, "worker_id": "x", "study_id": 0, "dat')  # a tail cut mid-write
-    state = stage.reconcile_journal(tmp_path, tmp_path / experiment.JOURNAL_FILE, "s", Objective())
+    state = reconcile_journal(tmp_path, tmp_path / JOURNAL_FILE, "s", Objective())
     assert (state.ended, state.pending, state.total) == (3, (3, 4), 5)
-    assert (tmp_path / (experiment.JOURNAL_FILE + ".cut")).read_bytes().startswith(b'{"op_code": 4')
-    trials = optuna.load_study(study_name="s", storage=stage.optuna_storage(tmp_path / experiment.JOURNAL_FILE)
+    assert (tmp_path / (JOURNAL_FILE + ".cut")).read_bytes().startswith(b'{"op_code": 4')
+    trials = optuna.load_study(study_name="s", storage=optuna_storage(tmp_path / JOURNAL_FILE)
                                ).get_trials()
     states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED", "RUNNING", "RUNNING"]
     assert trials[1].value == 0.4  # the best validation loss, not the last
     assert trials[1].intermediate_values == {1: 0.9, 2: 0.4, 3: 0.45}
     # the journal ended trial 0 but the event log had not heard of it: now it has
-    assert experiment.trial_events(tmp_path)["0000"]["event"] == "complete"
+    assert trial_events(tmp_path)["0000"]["event"] == "complete"
     # reconciling again changes nothing
-    again = stage.reconcile_journal(tmp_path, tmp_path / experiment.JOURNAL_FILE, "s", Objective())
+    again = reconcile_journal(tmp_path, tmp_path / JOURNAL_FILE, "s", Objective())
     assert again == state
 
 
@@ -194,9 +206,9 @@ def test_a_trial_whose_parameters_were_cut_short_gets_its_enqueued_values(tmp_pa
     study.enqueue_trial({"lr": 3e-3, "optimizer": "adam"})
     trial = study.ask()  # popped from the queue, RUNNING, no parameter written yet (as if killed here)
     assert trial.params == {}
-    state = stage.reconcile_journal(tmp_path, tmp_path / experiment.JOURNAL_FILE, "s", Objective(), space)
+    state = reconcile_journal(tmp_path, tmp_path / JOURNAL_FILE, "s", Objective(), space)
     assert state.pending == (0,)
-    frozen = optuna.load_study(study_name="s", storage=stage.optuna_storage(tmp_path / experiment.JOURNAL_FILE)
+    frozen = optuna.load_study(study_name="s", storage=optuna_storage(tmp_path / JOURNAL_FILE)
                                ).get_trials()[0]
     assert frozen.params == {"lr": 3e-3, "optimizer": "adam"}
 
@@ -205,21 +217,21 @@ def test_results_and_predictions_are_rebuilt_by_finalize_without_duplicates(tmp_
     """finalize twice (as after a kill during it) writes each trial's predictions once."""
     from test_engine import _data  # a tiny learnable data set
 
-    from cxr_search import engine
     from cxr_search.config import TrialConfig
+    from cxr_search.training.loop import fit
 
     data = _data()
     cfg = TrialConfig(backbone="cnn3", device="cpu", max_epochs=2, batch_size=16, deterministic=True)
     for key in ("0000", "0001"):
-        engine.fit(cfg.replace(seed=int(key)), data, checkpoint_dir=tmp_path / f"trial_{key}")
-    first = experiment.finalize(tmp_path, data, Objective())
+        fit(cfg.replace(seed=int(key)), data, checkpoint_dir=tmp_path / f"trial_{key}")
+    first = finalize(tmp_path, data, Objective())
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "predictions").iterdir()}
-    second = experiment.finalize(tmp_path, data, Objective())
+    second = finalize(tmp_path, data, Objective())
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "predictions").iterdir()} == stamps
     pd.testing.assert_frame_equal(first, second)
     assert sorted(stamps) == ["0000.json", "0000.npz", "0001.json", "0001.npz"]
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
-    assert os.path.getsize(tmp_path / experiment.RESULTS_FILE) > 0
+    assert os.path.getsize(tmp_path / RESULTS_FILE) > 0
 
 
 def test_a_plan_knows_roughly_how_long_it_takes_on_cpus(tmp_path):
@@ -228,10 +240,10 @@ def test_a_plan_knows_roughly_how_long_it_takes_on_cpus(tmp_path):
                      "max_concurrent_trials: 4\nresources: {cpu: 2, gpu: 0}\ndata: {size: 128}\n"
                      "trial: {backbone: inception_v3, max_epochs: 30, pretrained: none}\n"
                      "params: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\n")
-    full = experiment.plan_run(space, full=True, seeds=50)
-    smoke = experiment.plan_run("inception", smoke=True)
-    cpu = experiment.plan_run("inception")
-    hours = experiment.estimate_seconds(full, cpus=2) / 3600
+    full = plan_run(space, full=True, seeds=50)
+    smoke = plan_run("inception", smoke=True)
+    cpu = plan_run("inception")
+    hours = estimate_seconds(full, cpus=2) / 3600
     assert hours > 24  # the study's budget on two cores: days, and the run says so before it starts
-    assert experiment.estimate_seconds(smoke, 2) < experiment.estimate_seconds(cpu, 2) < 3600
-    assert experiment.estimate_seconds(full, 16) < experiment.estimate_seconds(full, 2) / 3  # 4 slots, not 1
+    assert estimate_seconds(smoke, 2) < estimate_seconds(cpu, 2) < 3600
+    assert estimate_seconds(full, 16) < estimate_seconds(full, 2) / 3  # 4 slots, not 1

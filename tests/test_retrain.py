@@ -8,29 +8,33 @@ import pytest
 import scipy.stats
 from test_ensemble import make_plan
 
-from cxr_search import experiment, retrain
+from cxr_search import retrain
 from cxr_search.errors import CxrError
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.plan import DataConfig, Plan
+from cxr_search.experiment.results import write_predictions, write_results
+from cxr_search.experiment.trials import config_key, trial_dirs
 
 
 def search_results(tmp_path, metric="val_loss", mode="min"):
     """A search's results table: four finished trials, two of them with the same configuration."""
-    exp = experiment.Experiment.create(make_plan(metric=metric, mode=mode), tmp_path)
+    exp = Experiment.create(make_plan(metric=metric, mode=mode), tmp_path)
     rows = []
     for tid, lr, seed, loss, acc in (("a", 1e-3, 0, 0.50, 0.80), ("b", 3e-3, 0, 0.30, 0.70),
                                      ("c", 3e-3, 7, 0.35, 0.75), ("d", 1e-3, 1, 0.40, 0.90)):
         backbone = "alexnet" if tid == "d" else "cnn3"
         config = {"backbone": backbone, "lr": lr, "seed": seed}
-        path = experiment.write_predictions(exp.path, tid, val_labels=np.zeros(1), val_probs=np.ones((1, 3)) / 3,
+        path = write_predictions(exp.path, tid, val_labels=np.zeros(1), val_probs=np.ones((1, 3)) / 3,
                                             test_labels=np.zeros(1), test_probs=np.ones((1, 3)) / 3, metrics={},
                                             model_file="best-e0001.pt")
-        rows.append({"trial_id": tid, **config, "config_key": experiment.config_key(config), "best_val_loss": loss,
+        rows.append({"trial_id": tid, **config, "config_key": config_key(config), "best_val_loss": loss,
                      "best_val_acc": acc, "predictions_path": str(path), "trial_dir": str(exp.path / tid)})
-    experiment.write_results(exp.path, pd.DataFrame(rows))
+    write_results(exp.path, pd.DataFrame(rows))
     return exp
 
 
 def test_config_key_ignores_seed_budget_and_device_but_not_settings():
-    key = experiment.config_key
+    key = config_key
     assert key({"backbone": "cnn3", "seed": 1}) == key({"backbone": "cnn3", "seed": 2})
     # the epoch budget of a retrain is not a new configuration (a smoke run's 1-epoch seeds count as done)
     assert key({"backbone": "cnn3", "max_epochs": 1}) == key({"backbone": "cnn3", "max_epochs": 2, "device": "cpu"})
@@ -52,7 +56,7 @@ def test_top_configs_follow_the_validation_metric(tmp_path, metric, mode, expect
 
 
 def test_top_configs_without_a_finished_search_is_a_clear_error(tmp_path):
-    exp = experiment.Experiment.create(make_plan(), tmp_path)
+    exp = Experiment.create(make_plan(), tmp_path)
     with pytest.raises(CxrError, match="no finished search trials"):
         retrain.top_configs(exp, top_k=2)
 
@@ -114,8 +118,8 @@ def tiny_search(tmp_path_factory):
 
     from cxr_search.data import phantoms
     from cxr_search.data.prepare import prepare
-    from cxr_search.search import tune as stage
     from cxr_search.space import parse_space
+    from cxr_search.tuning.cluster import init_ray
 
     root = tmp_path_factory.mktemp("retrain")
     os.environ["CXR_SEARCH_CACHE"] = str(root / "cache")
@@ -123,23 +127,23 @@ def tiny_search(tmp_path_factory):
     data = prepare(root / "phantoms", size=32, progress=False)
     space = parse_space({"metric": "val_loss", "mode": "min", "searcher": "random", "max_concurrent_trials": 2,
                          "resources": {"cpu": 1, "gpu": 0}, "trial": {"backbone": "cnn3"}}, "tiny")
-    exp = experiment.Experiment.create(experiment.Plan(name="exp", space=space, data=experiment.DataConfig()), root)
+    exp = Experiment.create(Plan(name="exp", space=space, data=DataConfig()), root)
     config = {"backbone": "cnn3", "max_epochs": 2, "batch_size": 16, "deterministic": True, "device": "cpu"}
     probs = np.full((len(data.val), 3), 1 / 3)
-    path = experiment.write_predictions(exp.path, "s1", val_labels=data.val.labels, val_probs=probs,
+    path = write_predictions(exp.path, "s1", val_labels=data.val.labels, val_probs=probs,
                                         test_labels=data.test.labels, test_probs=np.full((len(data.test), 3), 1 / 3),
                                         metrics={}, model_file="best-e0001.pt")
-    pd.DataFrame([{"trial_id": "s1", **config, "config_key": experiment.config_key(config), "best_val_loss": 0.9,
+    pd.DataFrame([{"trial_id": "s1", **config, "config_key": config_key(config), "best_val_loss": 0.9,
                    "predictions_path": str(path), "trial_dir": str(exp.path / "trial_s1")}]).to_parquet(
         exp.path / "results.parquet")
-    stage.init_ray(num_cpus=2)
+    init_ray(num_cpus=2)
     yield exp, data
     ray.shutdown()
 
 
 @pytest.mark.slow
 def test_retrain_trains_each_seed_once_and_reproduces_a_seed(tiny_search):
-    from cxr_search.search.retrain import run_retrain
+    from cxr_search.tuning.stages import run_retrain
 
     exp, data = tiny_search
     retrain_dir = exp.stage_dir("retrain")
@@ -147,9 +151,9 @@ def test_retrain_trains_each_seed_once_and_reproduces_a_seed(tiny_search):
     assert sorted(first["seed"]) == [0, 1]
     # More seeds later, under the configuration's own budget: only the missing one trains (the budget is not
     # part of the configuration's identity, so the 1-epoch seeds count as done).
-    started = {t.trial_id: (t.path / "history.jsonl").stat().st_mtime_ns for t in experiment.trial_dirs(retrain_dir)}
+    started = {t.trial_id: (t.path / "history.jsonl").stat().st_mtime_ns for t in trial_dirs(retrain_dir)}
     second = run_retrain(exp, data, top_k=1, seeds=3)
-    after = {t.trial_id: (t.path / "history.jsonl").stat().st_mtime_ns for t in experiment.trial_dirs(retrain_dir)}
+    after = {t.trial_id: (t.path / "history.jsonl").stat().st_mtime_ns for t in trial_dirs(retrain_dir)}
     assert len(after) == 3 and all(after[k] == v for k, v in started.items())  # seeds 0 and 1 untouched
     assert sorted(second["seed"]) == [0, 1, 2] and second["config_key"].nunique() == 1
     probs = {}

@@ -13,9 +13,9 @@ from ray import tune
 
 from cxr_search.config import TrialConfig
 from cxr_search.errors import CxrError
-from cxr_search.paths import reference_dir
-from cxr_search.search.tune import tune_domain
+from cxr_search.io.paths import reference_dir
 from cxr_search.space import known, load_space, trial_fields
+from cxr_search.tuning.stages import tune_domain
 
 GOOD = """
 name: tiny
@@ -80,10 +80,11 @@ def test_the_study_space_reproduces_the_study_tables_point_by_point():
 
 
 def test_the_whole_study_is_one_plan_at_the_study_settings(monkeypatch):
-    from cxr_search import experiment
+    from cxr_search.experiment.plan import STAGES, plan_run
+    from cxr_search.models import weights
 
-    monkeypatch.setattr(experiment.weights, "require_available", lambda pairs: None)  # staged: see test_weights
-    plan = experiment.plan_run("study", gpu_available=True)
+    monkeypatch.setattr(weights, "require_available", lambda pairs: None)  # staged: see test_weights
+    plan = plan_run("study", gpu_available=True)
     trials = plan.space.planned_trials()
     assert len(trials) == 19 and plan.space.scheduler.kind == "fifo"  # both tables, every point to its end
     assert plan.data.size == 128
@@ -91,16 +92,16 @@ def test_the_whole_study_is_one_plan_at_the_study_settings(monkeypatch):
     assert {t["pretrained"] for t in trials if t["backbone"] != "cnn3"} == {"imagenet"}
     # then the best configuration over 50 seeds, for as long as the study trained, and the ensemble
     assert (plan.top_k, plan.seeds, plan.retrain_max_epochs, plan.ensemble_members) == (1, 50, None, 3)
-    assert plan.stages == experiment.STAGES
+    assert plan.stages == STAGES
     assert "retrain top 1 x 50 seeds" in plan.notes[-1]
     # the command line and the CPU budget still decide over the file's pipeline section
-    assert experiment.plan_run("study", gpu_available=True, seeds=5, top_k=2).seeds == 5
-    cpu = experiment.plan_run("study")
+    assert plan_run("study", gpu_available=True, seeds=5, top_k=2).seeds == 5
+    cpu = plan_run("study")
     assert (cpu.seeds, cpu.retrain_max_epochs) == (2, 2)
 
 
 def test_a_pipeline_section_sets_the_stages_after_the_search_and_typos_name_the_key(tmp_path):
-    from cxr_search.experiment import plan_run
+    from cxr_search.experiment.plan import plan_run
 
     plan = plan_run(_write(tmp_path, GOOD + "pipeline: {top_k: 2, seeds: 3, retrain_max_epochs: 5, "
                                              "ensemble_members: 4}\n"), full=True)
@@ -183,7 +184,7 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
 
 
 def test_resplit_and_duplicate_policy_reach_the_data_plan(tmp_path):
-    from cxr_search.experiment import plan_run
+    from cxr_search.experiment.plan import plan_run
 
     path = _write(tmp_path, GOOD.replace("equalize: hist,", "equalize: hist, duplicate_policy: keep,"))
     plan = plan_run(path, resplit=True, num_samples=1)
@@ -247,7 +248,7 @@ def test_a_binary_file_is_not_a_search_space(tmp_path):
 
 
 def test_gpu_auto_shares_grow_with_the_trials_batch_and_image_size():
-    from cxr_search.search.tune import TRIAL_GPU_SHARE_MAX, TrialResources
+    from cxr_search.tuning.resources import TRIAL_GPU_SHARE_MAX, TrialResources
 
     small, large = TrialResources(2, "auto", gpu_memory_gib=24, image_size=128), \
         TrialResources(2, "auto", gpu_memory_gib=24, image_size=256)

@@ -19,10 +19,16 @@ import pytest
 import ray
 from rich.console import Console
 
-from cxr_search import engine, experiment
-from cxr_search.experiment import Experiment
-from cxr_search.search import tune as stage
-from cxr_search.search.pipeline import resume_pipeline, run_pipeline
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.trials import trial_dirs, trial_history
+from cxr_search.io import storage
+from cxr_search.io.layout import EVENTS_FILE
+from cxr_search.pipeline import resume_pipeline, run_pipeline
+from cxr_search.training.faults import FAULTS_ENV
+from cxr_search.training.model_folder import HISTORY_FILE, best_files, read_history, read_resume_state
+from cxr_search.tuning.cluster import init_ray
+from cxr_search.tuning.searcher import optuna_storage, trial_key
+from cxr_search.tuning.stages import ended_keys
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +80,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_session(cache):
-    stage.init_ray(num_cpus=2)
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -98,14 +104,14 @@ def smoke_search(ray_session, tiny_space, tmp_path_factory):
 
 
 def _optuna_trials(exp: Experiment) -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name=exp.plan.name, storage=stage.optuna_storage(exp.journal))
+    study = optuna.load_study(study_name=exp.plan.name, storage=optuna_storage(exp.journal))
     return study.get_trials(deepcopy=False)
 
 
 def assert_journal_matches_results(exp: Experiment, df: pd.DataFrame) -> None:
     """Every trial's Optuna record says what results.parquet says: PRUNED for ASHA's stops, COMPLETE with the
     trial's best validation value otherwise (the value that ranks and selects models)."""
-    trials = {stage.trial_key(t.number): t for t in _optuna_trials(exp)}
+    trials = {trial_key(t.number): t for t in _optuna_trials(exp)}
     assert set(trials) == set(df["trial_id"])
     for row in df.itertuples():
         t = trials[row.trial_id]
@@ -137,19 +143,19 @@ def test_results_table_has_a_row_per_trial_with_the_documented_columns(smoke_sea
         assert col in stored, col
     assert stored["test_acc"].between(0, 1).all()
     for row in stored.itertuples():
-        hist = experiment.read_history(row.trial_dir)
+        hist = trial_history(row.trial_dir)
         assert row.best_val_loss == pytest.approx(hist["val_loss"].min())
         assert row.epochs == len(hist) and list(hist["epoch"]) == list(range(1, len(hist) + 1))
         with __import__("numpy").load(row.predictions_path) as z:
             assert z["test_probs"].shape == (len(z["test_labels"]), 3)
         # a trial that ended keeps its best weights only
-        assert engine.read_resume_state(row.trial_dir)["finished"]
-        assert len(engine.best_files(row.trial_dir)) == 1
+        assert read_resume_state(row.trial_dir)["finished"]
+        assert len(best_files(row.trial_dir)) == 1
 
 
 def test_test_metrics_never_reach_tune_and_selection_uses_validation_only(smoke_search):
     exp, df = smoke_search
-    for trial in experiment.trial_dirs(exp.path):
+    for trial in trial_dirs(exp.path):
         for line in (trial.path / "result.json").read_text().splitlines():
             assert not [k for k in json.loads(line) if k.startswith("test")]
     best = exp.ranked("search").iloc[0]
@@ -160,23 +166,23 @@ def test_a_trial_that_raises_or_is_killed_is_retried_from_its_folder(ray_session
     grid = _space(tmp_path_factory, GRID, "grid")
     faults = [{"kind": "raise", "epoch": 2, "match": {"optimizer": "sgd"}},
               {"kind": "kill", "epoch": 3, "match": {"optimizer": "adam"}}]
-    monkeypatch.setenv(engine.FAULTS_ENV, json.dumps(faults))
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(faults))
     exp = Experiment.open(run_pipeline(grid, name="faulty", storage=str(tmp_path_factory.mktemp("exps")),
                                        stages=("search",), console=QUIET))
     df = exp.results()
     assert list(df["stop_reason"]) == ["max_epochs", "max_epochs"] and list(df["status"]) == ["terminated"] * 2
-    for trial in experiment.trial_dirs(exp.path):
-        assert list(experiment.read_history(trial.path)["epoch"]) == [1, 2, 3]  # every epoch once
+    for trial in trial_dirs(exp.path):
+        assert list(trial_history(trial.path)["epoch"]) == [1, 2, 3]  # every epoch once
         fault = ".fault-raise-e0002" if trial.trial_id == "0000" else ".fault-kill-e0003"
         assert (trial.path / fault).exists()  # the fault fired, and the retry went past it
-    retries = [e for e in experiment.storage.read_records(exp.path / experiment.EVENTS_FILE) if e["event"] == "retry"]
+    retries = [e for e in storage.read_records(exp.path / EVENTS_FILE) if e["event"] == "retry"]
     assert sorted(e["trial_id"] for e in retries) == ["0000", "0001"]
 
 
 def test_a_trial_that_always_fails_ends_as_error_and_the_later_stages_go_on(ray_session, tmp_path_factory,
                                                                             monkeypatch):
     grid = _space(tmp_path_factory, GRID, "grid")
-    monkeypatch.setenv(engine.FAULTS_ENV, json.dumps(
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(
         {"kind": "raise", "epoch": 2, "always": True, "match": {"optimizer": "sgd"}}))
     exp = Experiment.open(run_pipeline(grid, name="failing", storage=str(tmp_path_factory.mktemp("exps")),
                                        stages=("search", "ensemble"), console=QUIET))
@@ -195,7 +201,7 @@ def test_a_grid_space_runs_no_more_trials_at_once_than_it_says(ray_session, tmp_
         "max_epochs: 3, patience: 3", "max_epochs: 1, patience: 3")
     exp = Experiment.open(run_pipeline(_space(tmp_path_factory, text, "serial"), name="serial", stages=("search",),
                                        storage=str(tmp_path_factory.mktemp("exps")), console=QUIET))
-    events = experiment.storage.read_records(exp.path / experiment.EVENTS_FILE)
+    events = storage.read_records(exp.path / EVENTS_FILE)
     running, most = set(), 0
     for e in events:  # the driver logs starts and ends in the order they happen
         if e["event"] == "start":
@@ -229,7 +235,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def _ended(stage_dir: Path) -> dict[str, list[dict]]:
     """Trials that ended by our records, with their history at that moment."""
-    return {k: engine.read_history(stage_dir / f"trial_{k}") for k in stage.ended_keys(stage_dir)}
+    return {k: read_history(stage_dir / f"trial_{k}") for k in ended_keys(stage_dir)}
 
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_space, cache, tmp_path):
@@ -249,7 +255,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(ray_session, 
     df = pd.read_parquet(exp_path / "results.parquet")
     assert len(df) == 6 and set(df["stop_reason"]) <= set(FINISHED)
     for key, history in before.items():
-        assert engine.read_history(exp_path / f"trial_{key}") == history, f"finished trial {key} was rerun"
+        assert read_history(exp_path / f"trial_{key}") == history, f"finished trial {key} was rerun"
     assert not [t for t in _optuna_trials(exp) if not t.state.is_finished()]
     assert_journal_matches_results(exp, df)
 
@@ -261,8 +267,8 @@ def test_a_signal_during_the_search_stops_cleanly_and_resume_finishes_it(ray_ses
     exp_path = storage / "stopped"
     driver = _cli("run", str(tiny_space), "--name", "stopped", "--storage", str(storage), "--stages", "search",
                   cache=cache)
-    _wait_for(lambda: any((t.path / engine.HISTORY_FILE).is_file() and engine.read_history(t.path)
-                          for t in experiment.trial_dirs(exp_path)), driver)
+    _wait_for(lambda: any((t.path / HISTORY_FILE).is_file() and read_history(t.path)
+                          for t in trial_dirs(exp_path)), driver)
     os.kill(driver.pid, sig)
     out, _ = driver.communicate(timeout=180)
     assert driver.returncode == 128 + sig, out[-3000:]
@@ -271,7 +277,7 @@ def test_a_signal_during_the_search_stops_cleanly_and_resume_finishes_it(ray_ses
     assert "trial 0000: started" in out and "== Status ==" not in out and "Configuration for experiment" not in out
     exp = Experiment.open(exp_path)
     assert not exp.is_complete("search")
-    assert len(stage.ended_keys(exp_path)) < 6
+    assert len(ended_keys(exp_path)) < 6
     resume_pipeline(exp_path, console=QUIET)
     exp = Experiment.open(exp_path)
     assert exp.is_complete("search") and len(exp.results()) == 6
@@ -285,7 +291,7 @@ def test_sigterm_during_the_retrain_stops_cleanly_and_resume_trains_the_planned_
     driver = _cli("run", str(tiny_space), "--name", "retrain-stopped", "--storage", str(storage), "--stages",
                   "search,retrain", "--seeds", "3", cache=cache)
     retrain_dir = exp_path / "retrain"
-    _wait_for(lambda: any(engine.read_history(t.path) for t in experiment.trial_dirs(retrain_dir)), driver)
+    _wait_for(lambda: any(read_history(t.path) for t in trial_dirs(retrain_dir)), driver)
     os.kill(driver.pid, signal.SIGTERM)
     out, _ = driver.communicate(timeout=180)
     assert driver.returncode == 143, out[-3000:]

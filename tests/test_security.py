@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_search import engine, experiment
 from cxr_search.errors import CxrError
+from cxr_search.experiment.results import read_predictions
+from cxr_search.io.layout import PLAN_FILE
+from cxr_search.training.model_folder import FORMAT_VERSION, RESUME_FILE, read_resume_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the raylet starts) are up; it prints its listening sockets and GCS address, then waits for a line on stdin.
 LOCAL_RAY = textwrap.dedent("""
     import json, sys, psutil, ray
-    from cxr_search.search.tune import init_ray
+    from cxr_search.tuning.cluster import init_ray
     init_ray(num_cpus=1)
 
     @ray.remote
@@ -54,7 +56,7 @@ LOCAL_RAY = textwrap.dedent("""
 CLIENT = textwrap.dedent("""
     import sys, ray
     from ray._private import ray_constants
-    ray_constants.ENABLE_RAY_CLUSTER = False  # keep 127.0.0.1 as given (see cxr_search.search.tune._keep_loopback)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # keep 127.0.0.1 as given (see cxr_search.tuning.cluster)
     ray.init(address=sys.argv[1], logging_level="ERROR")
     print("JOINED", sum(n["Alive"] for n in ray.nodes()))
 """)
@@ -146,9 +148,9 @@ def test_a_checkpoint_holding_a_pickle_is_refused_unrun(tmp_path):
     marker = tmp_path / "ran"
     folder = tmp_path / "trial"
     folder.mkdir()
-    torch.save({"format_version": engine.FORMAT_VERSION, "payload": _Payload(marker)}, folder / engine.RESUME_FILE)
+    torch.save({"format_version": FORMAT_VERSION, "payload": _Payload(marker)}, folder / RESUME_FILE)
     with pytest.raises(CxrError, match="not a readable checkpoint"):
-        engine.read_resume_state(folder)
+        read_resume_state(folder)
     assert not marker.exists()
 
 
@@ -158,7 +160,7 @@ def test_predictions_holding_objects_are_refused_unrun(tmp_path):
     np.savez(path, val_labels=np.zeros(2), val_probs=np.array([_Payload(marker)], dtype=object),
              test_labels=np.zeros(2), test_probs=np.zeros((2, 3)))
     with pytest.raises(CxrError, match="not a readable predictions file"):
-        experiment.read_predictions(path)
+        read_predictions(path)
     assert not marker.exists()
 
 
@@ -176,7 +178,7 @@ def test_resume_refuses_a_folder_it_did_not_create(tmp_path):
     (ray_experiment / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     forged = tmp_path / "forged"  # a pipeline.json without our marker
     forged.mkdir()
-    (forged / experiment.PLAN_FILE).write_text(json.dumps({"kind": "ray tune experiment", "format_version": 2}))
+    (forged / PLAN_FILE).write_text(json.dumps({"kind": "ray tune experiment", "format_version": 2}))
     (forged / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     for folder, reason in ((ray_experiment, "not an experiment folder"), (forged, "not a cxr-search experiment")):
         before = sorted(p.name for p in folder.iterdir())

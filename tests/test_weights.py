@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cxr_search import cli, staging, weights
+from cxr_search import cli
 from cxr_search.config import BACKBONES
 from cxr_search.errors import CxrError
-from cxr_search.experiment import plan_run
-from cxr_search.models import TIMM_ARCH, create_model
+from cxr_search.experiment.plan import plan_run
+from cxr_search.models import fetch, weights
+from cxr_search.models.registry import TIMM_ARCH, create_model
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +99,7 @@ def test_cnn3_has_no_imagenet_weights_and_says_so():
     with pytest.raises(CxrError, match=r"'cnn3' has no ImageNet weights.*pretrained: none"):
         create_model("cnn3", pretrained="imagenet")
     with pytest.raises(CxrError, match="'cnn3' has no ImageNet weights"):
-        staging.fetch(["cnn3"])
+        fetch.fetch(["cnn3"])
     with pytest.raises(CxrError, match="'cnn3' has no ImageNet weights"):
         weights.require_available([("cnn3", "imagenet")])
 
@@ -111,13 +112,13 @@ def test_require_available_names_every_missing_backbone_and_passes_once_they_are
     assert "weights for alexnet, resnet34 are not staged" in str(err.value)
     assert "--backbones alexnet,resnet34" in str(err.value)
     for backbone in ("alexnet", "resnet34"):
-        staging.stage(backbone, _upstream_state(backbone), origin="made in the test")
+        fetch.stage(backbone, _upstream_state(backbone), origin="made in the test")
     weights.require_available(pairs)  # vgg16 without ImageNet weights and a local file path are not its concern
 
 
 def test_stage_keeps_only_the_backbone_and_records_where_it_came_from(weights_root):
     state = _upstream_state("resnet34")
-    path = staging.stage("resnet34", state, origin="made in the test")
+    path = fetch.stage("resnet34", state, origin="made in the test")
     assert path == weights_root / "resnet34.tv_in1k" / "model.safetensors"
     saved = load_file(path)
     assert not any(k.startswith("fc.") for k in saved), "the ImageNet classifier is not staged"
@@ -127,7 +128,7 @@ def test_stage_keeps_only_the_backbone_and_records_where_it_came_from(weights_ro
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert [p.name for p in weights_root.iterdir()] == ["resnet34.tv_in1k"], "no temporary folder left behind"
     with pytest.raises(CxrError, match="do not fit backbone 'resnet34'"):
-        staging.stage("resnet34", _upstream_state("alexnet"))
+        fetch.stage("resnet34", _upstream_state("alexnet"))
 
 
 def test_fetch_downloads_once_into_a_shared_folder_that_runs_then_read(tmp_path, monkeypatch):
@@ -137,12 +138,12 @@ def test_fetch_downloads_once_into_a_shared_folder_that_runs_then_read(tmp_path,
         downloads.append(source.tag)
         return _upstream_state("alexnet"), "https://example.invalid/alexnet.pth"
 
-    monkeypatch.setattr(staging, "_download", download)
+    monkeypatch.setattr(fetch, "_download", download)
     shared = tmp_path / "shared"
-    first = staging.fetch(["alexnet"], root=shared)
-    again = staging.fetch(["alexnet"], root=shared)
+    first = fetch.fetch(["alexnet"], root=shared)
+    again = fetch.fetch(["alexnet"], root=shared)
     assert [s.status for s in first + again] == ["fetched", "staged"] and downloads == ["alexnet.tv_in1k"]
-    staging.fetch(["alexnet"], root=shared, force=True)
+    fetch.fetch(["alexnet"], root=shared, force=True)
     assert len(downloads) == 2
 
     monkeypatch.setenv("CXR_SEARCH_WEIGHTS", str(shared))  # every node points at the shared copy
@@ -157,7 +158,7 @@ def test_fetch_downloads_once_into_a_shared_folder_that_runs_then_read(tmp_path,
 def test_fetch_offline_is_a_one_line_error_and_stages_nothing(backbone, tmp_path):
     root = tmp_path / "w"
     with pytest.raises(CxrError) as err:
-        staging.fetch([backbone], root=root, progress=False)
+        fetch.fetch([backbone], root=root, progress=False)
     message = str(err.value)
     assert len(message.splitlines()) == 1
     assert "could not download ImageNet weights" in message and "needs internet" in message
@@ -219,15 +220,15 @@ def test_train_without_staged_weights_fails_before_any_data_work(monkeypatch, ca
 @pytest.mark.slow
 def test_train_fine_tunes_the_staged_weights(monkeypatch, capsys, tmp_path):
     state = _upstream_state("alexnet")
-    staging.stage("alexnet", state, origin="made in the test")
+    fetch.stage("alexnet", state, origin="made in the test")
     out = tmp_path / "run"
     code = _cli(monkeypatch, "train", "--backbone", "alexnet", "--pretrained", "imagenet", "--freeze-fraction",
                 "1.0", "--smoke", "--epochs", "1", "--out", str(out))
     assert code == 0
     assert "note:" not in capsys.readouterr().out
-    from cxr_search import engine
+    from cxr_search.training.model_folder import load_best_model
 
-    model, _ = engine.load_best_model(out)
+    model, _ = load_best_model(out)
     trained = model.state_dict()
     # the whole backbone was frozen: after training it still holds the staged ImageNet weights (as saved: float16)
     assert torch.equal(trained["backbone.features.3.weight"], state["features.3.weight"].half().float())
@@ -245,7 +246,7 @@ def test_train_warns_that_freezing_random_weights_freezes_noise(monkeypatch, cap
 
 
 def test_weights_fetch_command_stages_and_says_how_runs_find_a_shared_folder(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(staging, "_download", lambda source, d, progress: (_upstream_state("alexnet"), "test"))
+    monkeypatch.setattr(fetch, "_download", lambda source, d, progress: (_upstream_state("alexnet"), "test"))
     shared = tmp_path / "shared"
     assert _cli(monkeypatch, "weights", "fetch", "--backbones", "alexnet", "--to", str(shared)) == 0
     out = " ".join(capsys.readouterr().out.split())

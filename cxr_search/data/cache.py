@@ -33,7 +33,7 @@ import pandas as pd
 from cxr_search.data import integrity
 from cxr_search.data.preprocess import Preprocessing
 from cxr_search.data.scan import ScanResult, relative_path
-from cxr_search.paths import cache_root
+from cxr_search.io.paths import cache_root
 
 # Bump when decoding or preprocessing changes what an image becomes. 2: the albumentations pipeline uses
 # INTER_AREA when any side shrinks (1: only when both did), so images with one side above and one below

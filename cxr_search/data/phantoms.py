@@ -27,7 +27,7 @@ from PIL import Image
 
 from cxr_search import CLASSES
 from cxr_search.errors import CxrError
-from cxr_search.paths import cache_root
+from cxr_search.io.paths import cache_root
 
 GENERATOR_VERSION = 2  # bump when the rendering or the manifest changes, so default_dataset() does not reuse stale sets
 CLASS_MIX = {"COVID19": 576 / 6432, "PNEUMONIA": 4273 / 6432, "NORMAL": 1583 / 6432}  # the Kaggle set's mix

@@ -133,14 +133,14 @@ def _jsonable(obj: Any) -> Any:
 
 def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
     """Write ``folder/preprocessing.json`` atomically (the one writer of that file)."""
-    from cxr_search import storage
+    from cxr_search.io import storage
 
     return storage.atomic_write_json(storage.path(folder) / PREPROCESSING_FILE, record)
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:
     """The record in ``folder/preprocessing.json`` (the one reader of that file), or None when absent."""
-    from cxr_search import storage
+    from cxr_search.io import storage
 
     path = storage.path(folder) / PREPROCESSING_FILE
     if not path.is_file():

@@ -309,6 +309,14 @@ def read_json(where: str | Path | RemotePath) -> Any:
     return json.loads(path(where).read_text(encoding="utf-8"))
 
 
+def read_json_or_none(where: str | Path | RemotePath) -> Any:
+    """A JSON document, or None when it is missing or unreadable (a file another process has not written yet)."""
+    try:
+        return read_json(where)
+    except (OSError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def open_binary(where: str | Path | RemotePath) -> Iterator[IO[bytes]]:
     """A file opened for reading, for readers that take a file object (`np.load`, `torch.load`, pandas)."""

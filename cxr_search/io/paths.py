@@ -35,7 +35,7 @@ def experiments_root() -> Path:
 
 def package_data() -> Path:
     """Data files shipped inside the package (in a checkout, links to the top-level folders that are the source)."""
-    return Path(__file__).resolve().parent / "_data"
+    return Path(__file__).resolve().parents[1] / "_data"  # cxr_search/_data
 
 
 def search_spaces_dir() -> Path:

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_search import engine, paths, storage
 from cxr_search.config import TrialConfig
 from cxr_search.errors import CxrError
+from cxr_search.io import paths, storage
+from cxr_search.training.loop import FitResult, fit
+from cxr_search.training.model_folder import CONFIG_FILE
+from cxr_search.training.runtime import model_from_config, resolve_device
 
 SMOKE_SIZE = 64  # px: --smoke trains on a tiny phantom set at this size
 SMOKE_EPOCHS = 2
@@ -27,7 +30,7 @@ class TrainRun:
     """What `train_model` did: the fit, where it was saved, how long it took, and the data warnings."""
 
     cfg: TrialConfig
-    result: engine.FitResult
+    result: FitResult
     out: Path
     seconds: float
     warnings: list[str]
@@ -44,17 +47,17 @@ class TrainRun:
 def check(cfg: TrialConfig) -> None:
     """Refuse, in one line and before any data work, what cannot run: a device that is not there, pretrained
     weights that are not staged or cannot be read (a local file is loaded into the model once, here)."""
-    from cxr_search import weights
+    from cxr_search.models import weights
 
-    engine.resolve_device(cfg.device)
+    resolve_device(cfg.device)
     weights.require_available([(cfg.backbone, cfg.pretrained)])
     if cfg.pretrained not in ("none", weights.IMAGENET):
-        engine.model_from_config(cfg)
+        model_from_config(cfg)
 
 
 def notes(cfg: TrialConfig, size: int) -> list[str]:
     """What the user should know before training this configuration at this image size."""
-    from cxr_search.experiment import frozen_random_note, input_size_note
+    from cxr_search.experiment.plan import frozen_random_note, input_size_note
 
     out = []
     note = input_size_note({cfg.backbone}, size, "--size")
@@ -86,14 +89,14 @@ def train_model(cfg: TrialConfig, *, data_dir: str | Path | None = None, size: i
     if data_dir is None and smoke:
         data_dir = phantoms.default_dataset(n_images=SMOKE_PHANTOMS, size=96)  # generated once into the cache
     out = Path(out) if out is not None else paths.experiments_root() / f"train-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-    saved = out / engine.CONFIG_FILE
+    saved = out / CONFIG_FILE
     if saved.is_file() and TrialConfig.from_dict(storage.read_json(saved), source=str(saved)) != cfg:
         raise CxrError(f"--out {out} holds a model trained with another configuration; pick another --out.")
     prepared = prepare(data_dir, size=size, resplit=resplit, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     storage.atomic_write_json(out / DATA_REPORT_FILE, prepared.report)
     start = time.perf_counter()
-    result = engine.fit(cfg, prepared, checkpoint_dir=out, progress=progress)
+    result = fit(cfg, prepared, checkpoint_dir=out, progress=progress)
     elapsed = time.perf_counter() - start
     storage.atomic_write_json(out / RESULT_FILE, {
         "history": result.history, "best_epoch": result.best_epoch, "best_val": result.best_val,
@@ -105,7 +108,7 @@ def print_run(run: TrainRun, console: Any) -> None:
     """The study's table for one run, its data warnings, and where it was saved."""
     from rich.table import Table
 
-    from cxr_search.report import fmt
+    from cxr_search.report.summary import fmt
 
     r = run.result
     for warning in run.warnings:

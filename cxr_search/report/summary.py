@@ -4,32 +4,35 @@ spread, ensemble, each with confidence intervals. Every section is optional: mis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cxr_search import paths, storage
-from cxr_search.config import TrialConfig
-from cxr_search.experiment import ENSEMBLE_DIR, Experiment, predictions_path, read_predictions
+from cxr_search.ensemble import read_ensemble
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.results import read_predictions
+from cxr_search.io import storage
+from cxr_search.report.study import study_summary, study_table
 
 # Figures shown per model, in the study's table order (DESIGN.md names).
 TABLE_METRICS = ("acc", "normal_recall", "covid_recall_vs_pneumonia")
+
+
 MAX_SEARCH_ROWS = 12  # the summary lists the best trials, not hundreds
 
 
 MISSING = "n/a"
 
 
-def _missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value))
 
 
 def fmt(value: Any, digits: int = 4) -> str:
     """The one number formatter of tables and summaries: `0.9512`, integers as such, `n/a` for missing."""
-    if _missing(value):
+    if is_missing(value):
         return MISSING
     if isinstance(value, (int, np.integer)):
         return str(int(value))
@@ -41,9 +44,9 @@ def fmt(value: Any, digits: int = 4) -> str:
 def fmt_ci(point: float, lo: float, hi: float, digits: int = 4) -> str:
     """`0.9512 [0.9321, 0.9688]`: point estimate and 95% interval; an interval that cannot be estimated
     (missing, or collapsed to the point because a class has too few images to resample) says so."""
-    if _missing(point):
+    if is_missing(point):
         return MISSING
-    if _missing(lo) or _missing(hi) or (lo == hi == point):
+    if is_missing(lo) or is_missing(hi) or (lo == hi == point):
         return f"{fmt(point, digits)} (interval n/a)"
     return f"{fmt(point, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
 
@@ -55,14 +58,6 @@ def markdown_table(df: pd.DataFrame) -> str:
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
     return "\n".join(lines)
-
-
-def study_summary(name: str) -> dict[str, Any]:
-    """One row of the study's `reference/study_summary.csv` (ensemble, best single, mean of 50 runs); {} if absent."""
-    path = paths.reference_dir() / "study_summary.csv"
-    df = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["result"])
-    hit = df[df["result"] == name]
-    return hit.iloc[0].to_dict() if len(hit) else {}
 
 
 def _test_cis(predictions_path: str, n_resamples: int) -> dict[str, tuple[float, float, float]]:
@@ -195,9 +190,6 @@ def ensemble_section(exp: Experiment) -> list[str]:
             markdown_table(pd.DataFrame(rows)), "", "Confusion matrix: `ensemble/confusion_matrix.png`.", ""]
 
 
-# ---------------------------------------------------------------- loaders of stage outputs (report, notebooks)
-
-
 def seed_summary(exp: Experiment) -> pd.DataFrame:
     """The retrain stage's `summary.csv` (one row per configuration x test metric: n_seeds, mean, std,
     percentiles, mean_ci_low/high); empty when the stage has not run."""
@@ -206,68 +198,6 @@ def seed_summary(exp: Experiment) -> pd.DataFrame:
         return pd.DataFrame()
     with storage.open_binary(path) as f:
         return pd.read_csv(f, dtype={"config_key": str, "source_trial_id": str})
-
-
-def read_ensemble(exp_dir: str | Path) -> dict[str, Any] | None:
-    """`EXP/ensemble/ensemble.json` (written last by the ensemble stage), or None when the stage has not run."""
-    path = storage.path(exp_dir) / ENSEMBLE_DIR / "ensemble.json"
-    return storage.read_json(path) if path.is_file() else None
-
-
-@dataclass(frozen=True)
-class EnsemblePredictions:
-    """The saved ensemble replayed on its members' stored predictions (nothing is refitted)."""
-
-    description: dict[str, Any]  # ensemble.json
-    members: list[Any]  # ensemble.Member, in ensemble.json's order (best first)
-    weights: np.ndarray  # [M], the saved voting weights
-    temperature: float
-    val_labels: np.ndarray
-    test_labels: np.ndarray
-    val_probs: np.ndarray  # soft vote before temperature scaling
-    test_probs_uncalibrated: np.ndarray
-    test_probs: np.ndarray  # after temperature scaling: what the ensemble predicts
-
-
-def ensemble_predictions(exp_dir: str | Path) -> EnsemblePredictions | None:
-    """The ensemble's members and its validation/test probabilities before and after temperature scaling,
-    rebuilt from `ensemble.json` and each member's `predictions/<trial>.npz`; None when the stage has not run."""
-    from cxr_search import ensemble
-
-    exp = Experiment.open(exp_dir)
-    desc = read_ensemble(exp.path)
-    if desc is None:
-        return None
-    stage = exp.stage_dir(desc["source"])
-    members = [ensemble.load_member(predictions_path(stage, m["trial_id"]), trial_id=m["trial_id"],
-                                    checkpoint_dir=m["checkpoint_dir"]) for m in desc["members"]]
-    weights = np.array([m["weight"] for m in desc["members"]], dtype=np.float64)
-    raw_test = ensemble.soft_vote([m.test_probs for m in members], weights)
-    return EnsemblePredictions(
-        description=desc, members=members, weights=weights, temperature=float(desc["temperature"]),
-        val_labels=members[0].val_labels, test_labels=members[0].test_labels,
-        val_probs=ensemble.soft_vote([m.val_probs for m in members], weights),
-        test_probs_uncalibrated=raw_test, test_probs=ensemble.apply_temperature(raw_test, desc["temperature"]))
-
-
-def member_comparison(ens: EnsemblePredictions, n_resamples: int = 1000) -> pd.DataFrame:
-    """Each member against the ensemble on the same test images: accuracies and the ensemble's accuracy gain
-    with a paired stratified bootstrap interval (`ensemble.paired_acc_gain`).
-
-    Returns:
-        Columns `trial_id`, `weight`, `member_acc`, `ensemble_acc`, `gain`, `gain_lo`, `gain_hi`.
-    """
-    from cxr_search.ensemble import paired_acc_gain
-
-    y = ens.test_labels
-    ensemble_acc = float((ens.test_probs.argmax(1) == y).mean())
-    rows = []
-    for member, weight in zip(ens.members, ens.weights, strict=True):
-        gain, lo, hi = paired_acc_gain(y, ens.test_probs, member.test_probs, n_resamples=n_resamples)
-        rows.append({"trial_id": member.trial_id, "weight": float(weight),
-                     "member_acc": float((member.test_probs.argmax(1) == y).mean()), "ensemble_acc": ensemble_acc,
-                     "gain": gain, "gain_lo": lo, "gain_hi": hi})
-    return pd.DataFrame(rows)
 
 
 def explain_sheets(exp_dir: str | Path) -> list[storage.Location]:
@@ -359,114 +289,3 @@ def print_summary(exp_dir: str | Path, console: Any) -> None:
     """Print the summary (written by `write_summary` if present, else built now) on a rich console."""
     path = storage.path(exp_dir) / "summary.md"
     print_markdown([path.read_text() if path.is_file() else build_summary(exp_dir)], console)
-
-
-# ---------------------------------------------------------------- the study's tables beside ours
-
-
-def study_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Our trials in the study's table format, with the study's reported figures where a variant/backbone matches.
-
-    Columns: model, train_acc, val_acc, test_acc, normal_recall, covid_recall_vs_pneumonia, train_val_gap,
-    time_s, then `study_<col>` for the study's numbers (empty where nothing matches).
-    """
-    finetune, backbones = _study_tables()
-    out = []
-    for _, r in df.iterrows():
-        ref = _match_study(r, finetune, backbones)
-        label = str(r["variant"]) if "variant" in r and isinstance(r.get("variant"), str) else _label(r)
-        row = {
-            "model": label,
-            "train_acc": r.get("train_acc"), "val_acc": r.get("best_val_acc"), "test_acc": r.get("test_acc"),
-            "normal_recall": r.get("test_normal_recall"),
-            "covid_recall_vs_pneumonia": r.get("test_covid_recall_vs_pneumonia"),
-            "train_val_gap": r.get("train_val_gap"), "time_s": r.get("wall_time_s"),
-            "stop_reason": r.get("stop_reason"),
-        }
-        for key in ("test_acc", "normal_recall", "covid_recall_vs_pneumonia"):
-            row[f"study_{key}"] = ref.get(key) if ref is not None else None
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-def _label(r: pd.Series) -> str:
-    parts = [str(r.get("backbone", "")), str(r.get("optimizer", ""))]
-    if r.get("backbone") == "inception_v3":
-        freeze = r.get("freeze_fraction", TrialConfig.freeze_fraction)
-        parts += [f"freeze={freeze:g}", str(r.get("head", "")), str(r.get("regularizer", ""))]
-    return " ".join(p for p in parts if p)
-
-
-def _study_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
-    ref = paths.reference_dir()
-    finetune = pd.read_csv(ref / "study_inception_finetuning.csv", dtype={"variant": str})
-    backbones = pd.read_csv(ref / "study_backbones.csv")
-    return finetune, backbones
-
-
-def _match_study(r: pd.Series, finetune: pd.DataFrame, backbones: pd.DataFrame) -> pd.Series | None:
-    variant = r.get("variant") if isinstance(r.get("variant"), str) else None
-    if variant is not None:
-        name = variant.removeprefix("variant_")
-        hit = finetune[finetune["variant"] == name]
-        if len(hit):
-            return hit.iloc[0]
-        if variant.startswith("backbone_"):
-            return _backbone_row(variant.removeprefix("backbone_"), backbones)
-        return None
-    if r.get("backbone") == "inception_v3":
-        freeze = float(r.get("freeze_fraction", TrialConfig.freeze_fraction))
-        for _, f in finetune.iterrows():
-            same = (f["optimizer"] == r.get("optimizer") and float(f["freeze_fraction"]) == freeze
-                    and f["head"] == r.get("head") and f["regularizer"] == r.get("regularizer"))
-            if same and f["regularizer"] != "none":
-                same = math.isclose(float(f["reg_strength"]), float(r.get("reg_strength", 0)), rel_tol=1e-6)
-            if same:
-                return f
-        return None
-    return _backbone_row(str(r.get("backbone", "")), backbones)
-
-
-def _backbone_row(backbone: str, backbones: pd.DataFrame) -> pd.Series | None:
-    model = "densenet" if backbone == "densenet121" else backbone  # the study's "DenseNet50" is our densenet121
-    hit = backbones[backbones["model"] == model]
-    return hit.iloc[0] if len(hit) else None
-
-
-# ---------------------------------------------------------------- status
-
-
-def print_status(exp_dir: str | Path, console: Any) -> None:
-    """A table of an experiment's trials read from its folder (no Ray; safe while a search is running)."""
-    from rich.table import Table
-
-    from cxr_search.experiment import build_results
-
-    exp = Experiment.open(exp_dir)
-    df = build_results(exp.path, exp.objective)  # fresh from the folder, even if results.parquet is older
-    objective = exp.objective
-    console.print(f"{exp.path}: {len(df)} of {exp.plan.space.num_samples} search trials; stages done: "
-                  f"{', '.join(exp.plan.completed) or 'none'}; objective {objective.metric} ({objective.mode})")
-    if df.empty:
-        return
-    counts = df["stop_reason"].replace("", "running").value_counts().to_dict()
-    console.print("  " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    col = objective.column
-    if col in df:
-        df = df.sort_values(col, ascending=(objective.mode == "min"), na_position="last")
-    spec = exp.plan.space
-    searched = [n for n in [p.name for p in spec.params] + (["variant"] if spec.variants else []) if n in df][:6]
-    table = Table()
-    cols = ["trial_id", *searched, "epochs", "stop_reason", col, "best_val_acc", "test_acc", "wall_time_s"]
-    cols = [c for c in cols if c in df]
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("trial_id", *searched) else "right")
-    for _, r in df.iterrows():
-        table.add_row(*[_cell(r[c]) if c != "stop_reason" else (r[c] or "running") for c in cols])
-    console.print(table)
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, (float, np.floating)) and not _missing(v) and abs(v) >= 100:
-        return fmt(v, 0)
-    return fmt(v)

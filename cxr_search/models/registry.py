@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxr_search import weights
 from cxr_search.config import BACKBONES, HEADS, REGULARIZERS
 from cxr_search.errors import CxrError
+from cxr_search.models import weights
 
 # Smallest square input (pixels) each backbone accepts: below it a feature map shrinks to nothing.
 # Found by probing forward passes (tests/test_models.py checks each model runs at exactly this size).

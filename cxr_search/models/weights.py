@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cxr_search.config import BACKBONES
 from cxr_search.errors import CxrError
-from cxr_search.paths import WEIGHTS_ENV, weights_dir
+from cxr_search.io.paths import WEIGHTS_ENV, weights_dir
 
 IMAGENET = "imagenet"  # the `pretrained` value that means "this backbone's staged ImageNet weights"
 WEIGHTS_FILE = "model.safetensors"

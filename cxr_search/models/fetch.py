@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cxr_search.errors import CxrError
-from cxr_search.paths import WEIGHTS_ENV, weights_dir
-from cxr_search.weights import (
+from cxr_search.io.paths import WEIGHTS_ENV, weights_dir
+from cxr_search.models.weights import (
     SOURCE_FILE,
     WEIGHTS_FILE,
     ImagenetSource,
@@ -49,7 +49,7 @@ def stage(
     import torch
     from safetensors.torch import save_file
 
-    from cxr_search.models import backbone_state
+    from cxr_search.models.registry import backbone_state
 
     source = imagenet_source(backbone)
     final = staged_file(backbone, root)

@@ -19,8 +19,26 @@ from typing import Any
 
 import pandas as pd
 
-from cxr_search import figures, report, storage
-from cxr_search.experiment import Experiment, read_histories
+from cxr_search.ensemble import ensemble_predictions, member_comparison, read_ensemble
+from cxr_search.experiment.folder import Experiment
+from cxr_search.experiment.trials import trial_histories
+from cxr_search.io import storage
+from cxr_search.report import figures
+from cxr_search.report.study import study_summary
+from cxr_search.report.summary import (
+    accuracy_intervals,
+    data_section,
+    ensemble_section,
+    explain_sheets,
+    explanations_section,
+    fmt,
+    fmt_ci,
+    markdown_table,
+    retrain_section,
+    search_section,
+    seed_summary,
+    shortcut_warning,
+)
 
 REPORT_FILE = "report.html"
 # (id, title) of each section, in page order; the browser test looks for these ids.
@@ -85,7 +103,7 @@ class _Page:
                 .replace("</table>", "</table></div>"))
 
     def table(self, df: pd.DataFrame) -> str:
-        return self.markdown([report.markdown_table(df)])
+        return self.markdown([markdown_table(df)])
 
     @staticmethod
     def figure(fig: Any, caption: str) -> str:
@@ -118,7 +136,7 @@ def _not_run(text: str) -> str:
 
 def data_html(page: _Page, exp: Experiment) -> str:
     """The data report's warnings (and the explanations' shortcut warning): they qualify every number below."""
-    return page.markdown(report.shortcut_warning(exp.path) + report.data_section(exp))
+    return page.markdown(shortcut_warning(exp.path) + data_section(exp))
 
 
 def search_html(page: _Page, exp: Experiment, n_resamples: int) -> str:
@@ -128,8 +146,8 @@ def search_html(page: _Page, exp: Experiment, n_resamples: int) -> str:
     if results.empty:
         return _not_run(f"The search has not run yet: no trial in {html.escape(str(exp.path))}. "
                         f"Continue it with <code>cxr-search resume {html.escape(str(exp.path))}</code>.")
-    parts = [page.markdown(report.search_section(exp, n_resamples))]
-    intervals = report.accuracy_intervals(exp, n_resamples)
+    parts = [page.markdown(search_section(exp, n_resamples))]
+    intervals = accuracy_intervals(exp, n_resamples)
     if len(intervals):
         parts.append(page.figure(figures.accuracy_intervals(intervals),
                                  "Test accuracy of the trials above with 95% stratified bootstrap intervals; red "
@@ -138,7 +156,7 @@ def search_html(page: _Page, exp: Experiment, n_resamples: int) -> str:
         parts.append(page.figure(figures.time_vs_accuracy(results),
                                  "Training time of each trial against its accuracy (validation at the best epoch, "
                                  "test of the best-validation weights)."))
-    histories = read_histories(results)
+    histories = trial_histories(results)
     if len(histories):
         parts.append(page.figure(figures.learning_curves(histories, results, exp.objective.metric),
                                  "Validation curves of every trial; the marker at the end says how it ended (red X: "
@@ -178,34 +196,34 @@ def seeds_html(page: _Page, exp: Experiment) -> str:
     """The retrained seeds' distributions, percentiles and CI of the mean beside the study's 50-run mean."""
     from cxr_search.retrain import finished_runs
 
-    runs, summary = finished_runs(exp), report.seed_summary(exp)
+    runs, summary = finished_runs(exp), seed_summary(exp)
     if runs.empty or summary.empty:
         return _not_run(f"The retrain stage has not run: <code>cxr-search retrain {html.escape(str(exp.path))} "
                         "--seeds 50</code> retrains the best configuration over seeds.")
-    fig = figures.seed_distribution(runs, summary, report.study_summary("variant7_mean_of_50_runs"))
-    return page.markdown(report.retrain_section(exp)) + page.figure(
+    fig = figures.seed_distribution(runs, summary, study_summary("variant7_mean_of_50_runs"))
+    return page.markdown(retrain_section(exp)) + page.figure(
         fig, "Test metrics of the retrained seeds; band: 95% CI of the mean; dashed: the study's mean of 50 runs.")
 
 
 def ensemble_html(page: _Page, exp: Experiment) -> str:
     """The ensemble against the study and each member (paired intervals), confusion matrices, reliability."""
-    ens = report.ensemble_predictions(exp.path)
+    ens = ensemble_predictions(exp.path)
     if ens is None:
         return _not_run(f"The ensemble stage has not run: <code>cxr-search ensemble {html.escape(str(exp.path))}"
                         "</code> builds it from the finished trials.")
-    members = report.member_comparison(ens)
+    members = member_comparison(ens)
     table = pd.DataFrame({
-        "member": members["trial_id"], "weight": [report.fmt(w, 3) for w in members["weight"]],
-        "member test acc": [report.fmt(a) for a in members["member_acc"]],
-        "ensemble test acc": [report.fmt(a) for a in members["ensemble_acc"]],
-        "ensemble minus member (paired 95% CI)": [report.fmt_ci(g, lo, hi) for g, lo, hi in
+        "member": members["trial_id"], "weight": [fmt(w, 3) for w in members["weight"]],
+        "member test acc": [fmt(a) for a in members["member_acc"]],
+        "ensemble test acc": [fmt(a) for a in members["ensemble_acc"]],
+        "ensemble minus member (paired 95% CI)": [fmt_ci(g, lo, hi) for g, lo, hi in
                                                   zip(members["gain"], members["gain_lo"], members["gain_hi"],
                                                       strict=True)]})
     probs = {f"member {m.trial_id}": m.test_probs for m in ens.members}
     probs["ensemble"] = ens.test_probs
     classes = tuple(ens.description["classes"])
     return "\n".join([
-        page.markdown(report.ensemble_section(exp)),
+        page.markdown(ensemble_section(exp)),
         "<h3>Members against the ensemble</h3>", page.table(table),
         page.figure(figures.confusion_matrices(ens.test_labels, probs, classes),
                     "Test confusion matrices (rows: true class, columns: predicted) of each member and the ensemble."),
@@ -219,9 +237,9 @@ def ensemble_html(page: _Page, exp: Experiment) -> str:
 
 def explanations_html(page: _Page, exp: Experiment) -> str:
     """Faithfulness of the explanations on phantom lesion masks, and the saved contact sheets."""
-    faithfulness = report.explanations_section(exp.path)
+    faithfulness = explanations_section(exp.path)
     parts = [page.markdown(faithfulness)] if faithfulness else []
-    for sheet in report.explain_sheets(exp.path):
+    for sheet in explain_sheets(exp.path):
         parts.append(_image(sheet.read_bytes(), f"Explanations: {sheet.name}"))
     if not parts:
         return _not_run(f"Explanations have not been evaluated: <code>cxr-search explain "
@@ -271,7 +289,7 @@ def build_report(exp_dir: str | Path, *, n_resamples: int = 1000) -> str:
 def _run_on_their_own(exp: Experiment) -> str:
     """'; also run on their own: ...' for stages outside the plan whose outputs exist (`cxr-search retrain` or
     `ensemble` after a run), so the header does not contradict the sections below it."""
-    found = {"retrain": not report.seed_summary(exp).empty, "ensemble": report.read_ensemble(exp.path) is not None}
+    found = {"retrain": not seed_summary(exp).empty, "ensemble": read_ensemble(exp.path) is not None}
     extra = [s for s, there in found.items() if there and s not in exp.plan.completed]
     return f"; also run on their own: {', '.join(extra)}" if extra else ""
 

@@ -35,7 +35,7 @@ def learning_curves(histories: pd.DataFrame, results: pd.DataFrame, metric: str 
     """Per-trial validation curves, each ending in a marker saying how the trial ended (ASHA's stops in red).
 
     Args:
-        histories: `experiment.read_histories(results)` (trial_id, epoch, metrics).
+        histories: `experiment.trials.trial_histories(results)` (trial_id, epoch, metrics).
         results: the stage's results table (`trial_id`, `stop_reason`).
         metric: the objective's metric, drawn in the left panel; validation accuracy on the right.
     """

@@ -17,11 +17,14 @@ others; a reader skips records it already holds, so a kill between the two leave
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from optuna.storages.journal import BaseJournalBackend
 
-from cxr_search import storage
+from cxr_search.io import storage
+
+log = logging.getLogger(__name__)
 
 PART_SUFFIX = ".jsonl"
 _DIGITS = 10
@@ -83,3 +86,35 @@ class ObjectStoreJournal(BaseJournalBackend):
 
 def part_name(first_record: int) -> str:
     return f"{first_record:0{_DIGITS}d}{PART_SUFFIX}"
+
+
+def journal_storage(journal: storage.Location) -> Any:
+    """The Optuna storage of an experiment's journal: a local file (what `optuna-dashboard EXP/optuna.journal`
+    opens), or on an object store a folder of whole parts (`journal.py`)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if storage.is_remote(journal):
+        from cxr_search.io.journal import ObjectStoreJournal
+
+        return JournalStorage(ObjectStoreJournal(journal))
+    return JournalStorage(JournalFileBackend(str(journal)))
+
+
+def repair_journal(journal: storage.Location) -> bytes:
+    """Cut a journal tail a killed driver left mid-append (it would corrupt the next append); a stale lock
+    file of the dead driver is removed too; on an object store the parts are compacted into one (nothing is ever
+    cut there). Call only when no other process writes the journal."""
+    if storage.is_remote(journal):
+        from cxr_search.io.journal import ObjectStoreJournal
+
+        ObjectStoreJournal(journal).compact()
+        return b""
+    cut = storage.repair_tail(journal)
+    if cut:
+        storage.atomic_write(journal.with_name(journal.name + ".cut"), lambda tmp: tmp.write_bytes(cut))
+        log.warning("%s: removed an incomplete last record (%d bytes, kept in %s.cut)", journal, len(cut), journal.name)
+    for lock in (journal.with_name(journal.name + ".lock"),):
+        if lock.is_symlink() or lock.exists():
+            lock.unlink()
+    return cut

@@ -15,7 +15,7 @@ from typing import Any
 
 from ray import tune
 
-from cxr_search.experiment import Objective
+from cxr_search.experiment.plan import Objective
 
 _STATE_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "error": "red", "pending": "dim"}
 
@@ -92,11 +92,11 @@ class TrialConsole(tune.Callback):
         self._say(trial, "failed; retrying from its folder")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from cxr_search.search.tune import _first_error_line
+        from cxr_search.tuning.callbacks import first_error_line
 
         row = self._row(trial)
         row.state, row.ended = "error", time.monotonic()
-        self._say(trial, f"error, every retry failed: {_first_error_line(trial)}", style="red")
+        self._say(trial, f"error, every retry failed: {first_error_line(trial)}", style="red")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.live is not None:
@@ -106,7 +106,7 @@ class TrialConsole(tune.Callback):
 
     # -- output
     def _row(self, trial: Any) -> _Row:
-        from cxr_search.search.tune import KEY
+        from cxr_search.tuning.trainable import KEY
 
         key = str(trial.config.get(KEY, trial.trial_id))
         if key not in self.rows:
@@ -115,7 +115,7 @@ class TrialConsole(tune.Callback):
         return self.rows[key]
 
     def _say(self, trial: Any, text: str, style: str = "") -> None:
-        from cxr_search.search.tune import KEY
+        from cxr_search.tuning.trainable import KEY
 
         key = str(trial.config.get(KEY, trial.trial_id))
         if self.live is not None:

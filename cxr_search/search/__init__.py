@@ -1,1 +1,0 @@
-"""Ray Tune layer: the only package (with cli.py) that imports Ray."""

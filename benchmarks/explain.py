@@ -116,7 +116,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float, float
     data = prepare(data_dir, size=args.size, progress=False)
     ckpt = tmp / "cnn3"
     cnn_cfg = TrialConfig.from_dict({"backbone": "cnn3", "device": "cpu", "max_epochs": 1})
-    fit(cnn_cfg, data, report=lambda metrics, write_checkpoint: write_checkpoint(ckpt))
+    fit(cnn_cfg, data, checkpoint_dir=ckpt)
     predictor = predict.load(ckpt, device="cpu")
     predict.predict_files(predictor, files[:16], progress=False)  # warm-up
     runs = [len(files) / timed(lambda: predict.predict_files(predictor, files, progress=False))

@@ -74,7 +74,7 @@ class TrialConfig:
     precision: str = "auto"
     eval_batch_size: int = 256
     # auto: train under torch.compile with CUDA graphs on a GPU where the launch overhead it removes pays for the
-    # compile (small batches, long trials: engine.compile_mode); always (a CPU gets plain Inductor); never
+    # compile (small batches, long trials: compiling.compile_mode); always (a CPU gets plain Inductor); never
     compile: str = "auto"
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ class Member:
     """One finished model's stored predictions (best-validation weights)."""
 
     trial_id: str
-    checkpoint_dir: str  # where the best checkpoint lives ("" if unknown); a future `predict` loads it
+    checkpoint_dir: str  # the model folder of these predictions ("" if unknown): what `predict` loads
     val_labels: np.ndarray  # int64 [Nv]
     val_probs: np.ndarray  # float [Nv, C]
     test_labels: np.ndarray  # int64 [Nt]

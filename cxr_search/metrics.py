@@ -39,7 +39,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ece",
     "nll",
 )
-# What the engine reports on validation every epoch, and the direction that is better: the only metrics a
+# What the training loop reports on validation every epoch, and the direction that is better: the only metrics a
 # search may optimise (test metrics are computed once per finished model and never feed a search).
 VALIDATION_METRICS: dict[str, str] = {
     "val_loss": "min",

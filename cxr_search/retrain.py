@@ -95,7 +95,7 @@ def annotate(results: pd.DataFrame, configs: Sequence[dict[str, Any]]) -> pd.Dat
     """Add each row's search `rank` and `source_trial_id` (from `top_configs`), sorted by rank then seed.
 
     Args:
-        results: from `collect_runs` (has `config_key` and `seed`).
+        results: from `finished_runs` (has `config_key` and `seed`).
         configs: `top_configs` entries; pass all of them so rows of earlier, larger selections keep a rank.
     """
     by_key = {entry["config_key"]: entry for entry in configs}
@@ -108,12 +108,10 @@ def annotate(results: pd.DataFrame, configs: Sequence[dict[str, Any]]) -> pd.Dat
 
 
 def split_column(table: pd.DataFrame | Iterable[str], metric: str, split: str = "test") -> str | None:
-    """Column of a split's metric (`test_acc` or `test/acc`) in a results table or a row's keys, or None."""
+    """Column of a split's metric (`test_acc`) in a results table or a row's keys, or None."""
     names = set(table.columns if isinstance(table, pd.DataFrame) else table)
-    for name in (f"{split}_{metric}", f"{split}/{metric}"):
-        if name in names:
-            return name
-    return None
+    name = f"{split}_{metric}"
+    return name if name in names else None
 
 
 def summarize_seeds(results: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS) -> pd.DataFrame:

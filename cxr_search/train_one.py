@@ -1,6 +1,6 @@
 """One model without Ray (`cxr-search train`): prepare the data, fit into a model folder, report the study's columns.
 
-The model folder is the engine's (best weights, resume state, history), plus `result.json` (the run's figures)
+The model folder is training.model_folder's (best weights, resume state, history), plus `result.json` (the run's figures)
 and `data_report.json` (the data's integrity report and warnings, as `run` saves in an experiment).
 """
 

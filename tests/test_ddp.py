@@ -22,12 +22,12 @@ from cxr_search.config import TrialConfig
 from cxr_search.experiment.folder import Experiment
 from cxr_search.experiment.trials import trial_dirs, trial_events
 from cxr_search.io import storage
+from cxr_search.io.journal import journal_storage
 from cxr_search.pipeline import run_pipeline
 from cxr_search.training.faults import FAULTS_ENV
 from cxr_search.training.loop import fit
 from cxr_search.training.model_folder import CONFIG_FILE, HISTORY_FILE, read_history
 from cxr_search.tuning.cluster import init_ray
-from cxr_search.tuning.searcher import optuna_storage
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_two_worker_trials_finish_in_a_search_after_a_killed_worker(ddp_search):
     trials = trial_dirs(exp.path)
     events = trial_events(exp.path)
     assert exp.is_complete("search") and len(trials) == exp.plan.space.num_samples
-    study = optuna.load_study(study_name="ddp", storage=optuna_storage(exp.journal))
+    study = optuna.load_study(study_name="ddp", storage=journal_storage(exp.journal))
     assert [t.state.is_finished() for t in study.trials] == [True] * len(trials)  # Optuna heard of every trial
     for trial in trials:
         assert events[trial.trial_id]["event"] == "complete"

@@ -105,7 +105,7 @@ def _fit_recording(cfg, data, folder, **kwargs):
         reported.append(metrics)
         on_disk.append(read_history(folder))
 
-    return fit(cfg, data, report=report, checkpoint_dir=folder, **kwargs), reported, on_disk
+    return fit(cfg, data, on_epoch=report, checkpoint_dir=folder, **kwargs), reported, on_disk
 
 
 # ---------------------------------------------------------------- augmentation
@@ -245,7 +245,7 @@ def test_a_fault_marked_always_fires_on_every_attempt(tmp_path):
 def test_resuming_a_finished_run_trains_no_more(uninterrupted):
     full, root = uninterrupted
     again = fit(_cfg(patience=10), _data(), checkpoint_dir=root,
-                       report=lambda m, h: pytest.fail("no epoch should run"))
+                       on_epoch=lambda m, h: pytest.fail("no epoch should run"))
     _assert_same_run(full, again)
 
 
@@ -338,7 +338,7 @@ def test_seal_makes_a_scheduler_stopped_run_lean_with_its_newest_best_weights(tm
             raise Stop
 
     with pytest.raises(Stop):
-        fit(_cfg(patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every=2, report=report)
+        fit(_cfg(patience=10), _data(), checkpoint_dir=tmp_path, checkpoint_every=2, on_epoch=report)
     history = read_history(tmp_path)
     best = min(history, key=lambda h: h["val_loss"])["epoch"]
     seal(tmp_path)

@@ -19,8 +19,9 @@ from cxr_search.experiment.plan import EXPERIMENT_KIND, Objective, plan_run
 from cxr_search.experiment.results import build_results, finalize
 from cxr_search.experiment.trials import record_trial_event, trial_events
 from cxr_search.io import storage
+from cxr_search.io.journal import journal_storage
 from cxr_search.io.layout import EVENTS_FILE, JOURNAL_FILE, PLAN_FILE, RESULTS_FILE
-from cxr_search.tuning.searcher import optuna_storage, reconcile_journal
+from cxr_search.tuning.searcher import reconcile_journal
 from cxr_search.tuning.stages import ended_keys
 
 # ---------------------------------------------------------------- storage
@@ -165,7 +166,7 @@ def test_how_a_trial_ended_comes_from_its_folder_and_the_event_log(tmp_path):
 
 
 def _study(tmp_path, n: int) -> optuna.Study:
-    study = optuna.create_study(study_name="s", storage=optuna_storage(tmp_path / JOURNAL_FILE))
+    study = optuna.create_study(study_name="s", storage=journal_storage(tmp_path / JOURNAL_FILE))
     for _i in range(n):
         study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
     if n:
@@ -186,7 +187,7 @@ def test_reconciling_the_journal_tells_it_what_the_folders_know(tmp_path):
     state = reconcile_journal(tmp_path, tmp_path / JOURNAL_FILE, "s", Objective())
     assert (state.ended, state.pending, state.total) == (3, (3, 4), 5)
     assert (tmp_path / (JOURNAL_FILE + ".cut")).read_bytes().startswith(b'{"op_code": 4')
-    trials = optuna.load_study(study_name="s", storage=optuna_storage(tmp_path / JOURNAL_FILE)
+    trials = optuna.load_study(study_name="s", storage=journal_storage(tmp_path / JOURNAL_FILE)
                                ).get_trials()
     states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED", "RUNNING", "RUNNING"]
@@ -208,7 +209,7 @@ def test_a_trial_whose_parameters_were_cut_short_gets_its_enqueued_values(tmp_pa
     assert trial.params == {}
     state = reconcile_journal(tmp_path, tmp_path / JOURNAL_FILE, "s", Objective(), space)
     assert state.pending == (0,)
-    frozen = optuna.load_study(study_name="s", storage=optuna_storage(tmp_path / JOURNAL_FILE)
+    frozen = optuna.load_study(study_name="s", storage=journal_storage(tmp_path / JOURNAL_FILE)
                                ).get_trials()[0]
     assert frozen.params == {"lr": 3e-3, "optimizer": "adam"}
 

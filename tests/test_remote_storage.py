@@ -23,10 +23,9 @@ from moto.server import ThreadedMotoServer
 from cxr_search.experiment.folder import Experiment
 from cxr_search.experiment.trials import trial_dirs, trial_end, trial_events
 from cxr_search.io import storage
-from cxr_search.io.journal import ObjectStoreJournal, part_name
+from cxr_search.io.journal import ObjectStoreJournal, journal_storage, part_name
 from cxr_search.io.layout import EVENTS_FILE
 from cxr_search.report.summary import build_summary
-from cxr_search.tuning.searcher import optuna_storage
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "cxr-test"
@@ -111,7 +110,7 @@ def test_a_missing_bucket_is_a_one_line_error_before_anything_runs(s3, tmp_path)
 
 def test_the_optuna_journal_on_s3_survives_compaction_and_a_kill_inside_it(s3):
     folder = storage.path(f"s3://{BUCKET}/journal-test/optuna.journal")
-    study = optuna.create_study(study_name="j", storage=optuna_storage(folder),
+    study = optuna.create_study(study_name="j", storage=journal_storage(folder),
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     for i in range(3):
         trial = study.ask()
@@ -125,7 +124,7 @@ def test_the_optuna_journal_on_s3_survives_compaction_and_a_kill_inside_it(s3):
     expected = [(t.number, t.state, t.value, t.params) for t in study.trials]
 
     def reread() -> list:
-        again = optuna.load_study(study_name="j", storage=optuna_storage(folder))
+        again = optuna.load_study(study_name="j", storage=journal_storage(folder))
         return [(t.number, t.state, t.value, t.params) for t in again.trials]
 
     assert reread() == expected
@@ -186,7 +185,7 @@ def test_a_search_on_s3_stopped_then_status_resume_report_and_predict_read_it_ba
     for t in trials:
         epochs = [h["epoch"] for h in storage.read_records(t.path / "history.jsonl")]
         assert epochs == list(range(1, len(epochs) + 1))
-    study = optuna.load_study(study_name="tiny-s3", storage=optuna_storage(exp.journal))
+    study = optuna.load_study(study_name="tiny-s3", storage=journal_storage(exp.journal))
     assert len(study.trials) == len(trials) and all(t.state.is_finished() for t in study.trials)
     assert len(exp.ranked("search")) == len(trials)  # results.parquet and predictions read from the bucket
 

@@ -22,12 +22,13 @@ from rich.console import Console
 from cxr_search.experiment.folder import Experiment
 from cxr_search.experiment.trials import trial_dirs, trial_history
 from cxr_search.io import storage
+from cxr_search.io.journal import journal_storage
 from cxr_search.io.layout import EVENTS_FILE
 from cxr_search.pipeline import resume_pipeline, run_pipeline
 from cxr_search.training.faults import FAULTS_ENV
 from cxr_search.training.model_folder import HISTORY_FILE, best_files, read_history, read_resume_state
 from cxr_search.tuning.cluster import init_ray
-from cxr_search.tuning.searcher import optuna_storage, trial_key
+from cxr_search.tuning.searcher import trial_key
 from cxr_search.tuning.stages import ended_keys
 
 pytestmark = pytest.mark.slow
@@ -104,7 +105,7 @@ def smoke_search(ray_session, tiny_space, tmp_path_factory):
 
 
 def _optuna_trials(exp: Experiment) -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name=exp.plan.name, storage=optuna_storage(exp.journal))
+    study = optuna.load_study(study_name=exp.plan.name, storage=journal_storage(exp.journal))
     return study.get_trials(deepcopy=False)
 
 

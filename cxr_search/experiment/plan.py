@@ -278,7 +278,7 @@ def space_notes(spec: SearchSpec, size: int) -> list[str]:
 
 
 def input_size_note(backbones: set[str], size: int, option: str) -> str | None:
-    """A note when images are smaller than a backbone accepts: the model input upsamples them (engine.model_input)."""
+    """A note when images are smaller than a backbone accepts: the model input upsamples them (training.runtime.model_input)."""
     from cxr_search.models.registry import MIN_INPUT_SIZE
 
     small = sorted(b for b in backbones if size < MIN_INPUT_SIZE.get(b, 0))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,6 @@ def config_key(config: dict[str, Any]) -> str:
     for name in NOT_IDENTITY:
         full.pop(name, None)
     return hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def run_fingerprint(config: dict[str, Any]) -> str:
-    """Identity of one training run: every TrialConfig field, seed and budget included (adopting lost trials)."""
-    full = TrialConfig.from_dict(config_fields(config), source="config").to_dict()
-    return hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -118,26 +112,3 @@ def trial_end(trial_dir: str | Path, event: dict[str, Any] | None) -> str | None
     if event is not None and event.get("event") == "complete" and history:
         return "stopped"
     return None
-
-
-@dataclass
-class StageProgress:
-    """Counts of a stage's trials by how they ended (for status lines and interrupted-stage checks)."""
-
-    total: int = 0
-    ended: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def unfinished(self) -> int:
-        return self.total - sum(self.ended.values())
-
-
-def stage_progress(stage_dir: str | Path) -> StageProgress:
-    events = trial_events(stage_dir)
-    progress = StageProgress()
-    for trial in trial_dirs(stage_dir):
-        progress.total += 1
-        end = trial_end(trial.path, events.get(trial.trial_id))
-        if end is not None:
-            progress.ended[end] = progress.ended.get(end, 0) + 1
-    return progress

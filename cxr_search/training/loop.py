@@ -38,8 +38,8 @@ from cxr_search.training.runtime import (
     synchronize,
 )
 
-# report(metrics of the epoch, the whole history so far), called once per epoch after the epoch is on disk
-ReportFn = Callable[[dict[str, Any], list[dict[str, Any]]], None]
+# on_epoch(metrics of the epoch, the whole history so far), called once per epoch after the epoch is on disk
+EpochCallback = Callable[[dict[str, Any], list[dict[str, Any]]], None]
 
 
 def train_step(
@@ -73,7 +73,7 @@ def train_step(
 class FitResult:
     """Outcome of one training run; test metrics use the best-validation weights."""
 
-    history: list[dict[str, Any]]  # one metrics dict per epoch (the dicts passed to report)
+    history: list[dict[str, Any]]  # one metrics dict per epoch (the dicts passed to on_epoch)
     best_epoch: int  # 1-based epoch with the lowest val_loss
     best_val: dict[str, float]  # classification_metrics on val at best_epoch, plus "loss"
     test: dict[str, float]  # classification_metrics on test with the best-validation weights
@@ -92,7 +92,7 @@ def fit(
     cfg: TrialConfig,
     data: PreparedData,
     *,
-    report: ReportFn | None = None,
+    on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1,
     checkpoint_every_s: float | None = None,
@@ -109,7 +109,7 @@ def fit(
     Args:
         cfg: the trial config.
         data: prepared train/val/test arrays.
-        report: called once per epoch, after the epoch is on disk, as ``report(metrics, history)``.
+        on_epoch: called once per epoch, after the epoch is on disk, as ``on_epoch(metrics, history)``.
         checkpoint_dir: the model folder to write (and resume from); None keeps everything in memory.
         checkpoint_every: epochs between resume checkpoints (the last epoch always writes one).
         checkpoint_every_s: also wait this many seconds between resume checkpoints; None = automatic
@@ -203,8 +203,8 @@ def fit(
                 history.append(metrics)
                 if writer is not None:
                     writer.epoch_done(metrics, model, optimizer, scheduler, early, history, stop_reason)
-                if report is not None:
-                    report(dict(metrics), list(history))
+                if on_epoch is not None:
+                    on_epoch(dict(metrics), list(history))
                 bar.advance(metrics)
 
         return _finish(cfg, data, model, rt, early, history, stop_reason)

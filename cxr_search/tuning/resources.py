@@ -13,7 +13,7 @@ from cxr_search.errors import CxrError
 from cxr_search.space import SearchSpec
 from cxr_search.tuning.cluster import may_autoscale
 
-# GPU memory one training trial's process holds, GiB: measured on an H100 (torch 2.11, engine defaults: bf16,
+# GPU memory one training trial's process holds, GiB: measured on an H100 (torch 2.11, training defaults: bf16,
 # channels_last, whole data set resident; 128 px, batch 32 and 64, the larger, CUDA context included, rounded
 # up to 0.5). Beyond the context, activations grow with the batch and the pixels: `gpu_peak_gib` scales that
 # part by batch / 64 (from 64 up) and (size / 128)^2, which over-counts weights and optimizer state (safe side).

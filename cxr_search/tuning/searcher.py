@@ -106,9 +106,6 @@ def trial_key(number: int) -> str:
     return f"{number:04d}"
 
 
-optuna_storage = journal_storage
-
-
 @dataclass(frozen=True)
 class JournalState:
     ended: int  # trials that ended (COMPLETE, PRUNED, FAIL)
@@ -133,7 +130,7 @@ def reconcile_journal(stage_dir: storage.Location, journal: storage.Location, st
     if not (journal.is_dir() if storage.is_remote(journal) else journal.is_file()):
         return JournalState(0, (), 0)
     repair_journal(journal)
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage(journal))
+    study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
     events = trial_events(stage_dir)
     pending = []
     for frozen in study.get_trials(deepcopy=False):

@@ -31,11 +31,12 @@ from cxr_search.experiment.plan import Objective
 from cxr_search.experiment.results import check_same_splits, finalize
 from cxr_search.experiment.trials import trial_dirs, trial_end, trial_events
 from cxr_search.io import storage
+from cxr_search.io.journal import journal_storage
 from cxr_search.io.layout import JOURNAL_FILE, TRIAL_PREFIX
-from cxr_search.space import LABEL_KEYS, ParamSpec, SearchSpec
+from cxr_search.space import ParamSpec, SearchSpec
 from cxr_search.tuning.callbacks import PendingWatch, TrialEventLog
 from cxr_search.tuning.resources import TrialResources, trial_resources
-from cxr_search.tuning.searcher import TPE_STARTUP, ReplayingOptunaSearch, optuna_storage, reconcile_journal
+from cxr_search.tuning.searcher import TPE_STARTUP, ReplayingOptunaSearch, reconcile_journal
 from cxr_search.tuning.trainable import KEY, train_trial
 
 
@@ -107,7 +108,7 @@ def run_optuna_stage(stage_dir: storage.Location, spec: SearchSpec, data: Prepar
         # TPE's own seed changes per launch (fixed by the study's size: a resumed launch must not replay the
         # first one's draws); its random startup trials are drawn per trial number instead (see the class).
         sampler=optuna.samplers.TPESampler(seed=spec.seed + state.total, n_startup_trials=TPE_STARTUP),
-        storage=optuna_storage(journal), pending=state.pending, params=spec.params, seed=spec.seed,
+        storage=journal_storage(journal), pending=state.pending, params=spec.params, seed=spec.seed,
         n_startup=TPE_STARTUP,
     )
     _fit(stage_dir, data, dict(spec.trial), searcher, remaining, options)  # fixed settings ride in the config
@@ -211,11 +212,6 @@ def stage_options(spec: SearchSpec, *, scheduler: Any = None, resources: TrialRe
         scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials,
         checkpoint_every=spec.checkpoint_every, checkpoint_every_s=spec.checkpoint_every_s,
         max_failures=spec.max_failures, callbacks=callbacks)
-
-
-def labels_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The label part of a trial config (`variant`, `trial_key`)."""
-    return {k: v for k, v in config.items() if k in LABEL_KEYS}
 
 
 def run_retrain(exp: Experiment, data: PreparedData, *, top_k: int, seeds: int | list[int],

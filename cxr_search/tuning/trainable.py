@@ -27,17 +27,17 @@ KEY = "trial_key"  # the config label naming a trial's folder (see the module do
 def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: str, mode: str,
                 checkpoint_every: int = 1, checkpoint_every_s: float | None = None,
                 faults: tuple = (), resources: TrialResources | None = None, max_failures: int = 2) -> None:
-    """Tune function trainable: one `engine.fit` into the trial's folder, reporting every epoch.
+    """Tune function trainable: one `training.loop.fit` into the trial's folder, reporting every epoch.
 
     A trial with `resources.workers` > 1 runs as a Ray Train `TorchTrainer` (DistributedDataParallel) of that
-    many workers instead (`_fit_data_parallel`): the same engine loop and model folder, reported to Tune from rank 0.
+    many workers instead (`_fit_data_parallel`): the same training loop and model folder, reported to Tune from rank 0.
 
     Args:
         config: Tune's resolved trial config (TrialConfig fields plus labels such as `variant`, `trial_key`).
         data: the prepared arrays, shipped once by `tune.with_parameters`.
         stage: the stage folder; the trial's model folder is `stage/trial_<trial_key>`.
         metric, mode: the objective; every report carries the trial's best value so far as `best_<metric>`.
-        checkpoint_every, checkpoint_every_s: how often resume states are written (`engine.fit`).
+        checkpoint_every, checkpoint_every_s: how often resume states are written (`training.loop.fit`).
         faults: test-only fault injection (from `$CXR_SEARCH_FAULTS` in the driver).
         resources: the trial's resources (workers per trial, CPUs and GPUs per worker).
         max_failures: restarts of a data-parallel trial's worker group before the trial fails (then Tune retries).
@@ -67,7 +67,7 @@ def train_trial(config: dict[str, Any], data: PreparedData, stage: str, metric: 
                             "faults": faults})
         return
     try:
-        fit(cfg, data, report=report, checkpoint_dir=folder, checkpoint_every=checkpoint_every,
+        fit(cfg, data, on_epoch=report, checkpoint_dir=folder, checkpoint_every=checkpoint_every,
                    checkpoint_every_s=checkpoint_every_s, faults=faults)
     finally:
         _free_gpu_memory()
@@ -77,7 +77,7 @@ def _fit_data_parallel(cfg: TrialConfig, data: PreparedData, folder: storage.Loc
                        resources: TrialResources, max_failures: int, fit_options: dict[str, Any]) -> None:
     """One trial as a Ray Train V2 `TorchTrainer` nested in this Tune function trainable (DESIGN.md, Ray facts).
 
-    Each worker runs `engine.fit(..., data_parallel=True)` on its shard; rank 0 writes the model folder, and
+    Each worker runs `training.loop.fit(..., data_parallel=True)` on its shard; rank 0 writes the model folder, and
     `TuneReportCallback` passes rank 0's reports to Tune, so ASHA and Optuna see the trial as any other. A worker
     that dies takes the group down; Train restarts it (`max_failures`) and every worker resumes from the model
     folder, as a retried single-process trial does. Train keeps no checkpoint of its own (the folder is the
@@ -101,7 +101,7 @@ def _fit_data_parallel(cfg: TrialConfig, data: PreparedData, folder: storage.Loc
 
 
 def _data_parallel_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker of a data-parallel trial: `engine.fit` on its shard, reporting every epoch."""
+    """One Ray Train worker of a data-parallel trial: `training.loop.fit` on its shard, reporting every epoch."""
     import ray.train
     import ray.train.torch
     import torch
@@ -116,7 +116,7 @@ def _data_parallel_worker(loop: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
         ray.train.report({**metrics, objective.column: objective.best(h.get(objective.metric) for h in history)})
 
-    fit(cfg, ray.get(loop["data"]), report=report, checkpoint_dir=storage.path(loop["folder"]),
+    fit(cfg, ray.get(loop["data"]), on_epoch=report, checkpoint_dir=storage.path(loop["folder"]),
                checkpoint_every=loop["checkpoint_every"], checkpoint_every_s=loop["checkpoint_every_s"],
                faults=loop["faults"], data_parallel=True)
 

@@ -103,7 +103,7 @@ def fit(
     """Train ``cfg.backbone`` on ``data.train``, early-stop on ``data.val``, test once on ``data.test``.
 
     With a ``checkpoint_dir`` the run is crash-safe and resumable: the folder holds the model folder format
-    (module docstring of the checkpoint section); if it already holds a run of this config, training continues
+    (`cxr_search.training.model_folder`); if it already holds a run of this config, training continues
     after its last checkpoint (or, if that run finished, nothing is trained again).
 
     Args:
@@ -127,87 +127,120 @@ def fit(
     device = resolve_device(cfg.device)
     folder = storage.path(checkpoint_dir) if checkpoint_dir is not None else None
     shard = Shard.current() if data_parallel else None
-    lead = shard is None or shard.rank == 0  # the process that writes the model folder
     with backend_settings(cfg, device):
         seed_everything(cfg.seed)
-        saved = read_resume_state(folder) if folder is not None else None
-        # resuming overwrites every weight, so pretrained weights are loaded only on a fresh start
-        build_cfg = cfg.replace(pretrained="none") if saved is not None else cfg
-        model = model_from_config(build_cfg, num_classes=len(data.classes))
-        model = model.to(device, memory_format=torch.channels_last)
-        rt = Runtime.for_model(model, cfg, device)
-        optimizer = create_optimizer(model, cfg)
-        scheduler = create_scheduler(optimizer, cfg)
-        early = EarlyStopping(cfg.patience)
-        history: list[dict[str, Any]] = []
-        stop_reason = ""
-        writer = None
-        if folder is not None and lead:
-            writer = CheckpointWriter(folder, cfg, len(data.classes), checkpoint_every, checkpoint_every_s,
-                                       getattr(data, "preprocessing", None))
-        if folder is not None:
-            if saved is None:
-                if writer is not None:
-                    writer.start_fresh()
-            else:
-                history, stop_reason = restore_state(saved, folder, model, optimizer, scheduler, early, tidy=lead)
-                if writer is not None:
-                    writer.resumed(len(history))
-        net = model  # what trains: the model, or its DDP wrapper (which averages the gradients)
-        if shard is not None:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                                            else None)  # starts from rank 0's weights
-
-        train = DeviceSplit(data.train, device, shard)
-        val = DeviceSplit(data.val, device)
-        # data-parallel runs train eagerly: DDP's gradient hooks and CUDA graphs are a separate project
-        trains = TrainingModel(net, compile_mode(cfg, device, planned_steps(len(train), cfg)) if shard is None
-                                else None)
-        class_weight = None
-        if cfg.balance == "class_weight":
-            weights = class_weights(train.labels_np, len(data.classes))
-            class_weight = torch.as_tensor(weights, dtype=torch.float32, device=device)
-
+        run = _start(cfg, data, device, folder, shard, checkpoint_every, checkpoint_every_s)
         with _progress_bar(progress, cfg) as bar:
-            for epoch in range(len(history) + 1, cfg.max_epochs + 1):
-                if stop_reason:
+            for epoch in range(len(run.history) + 1, cfg.max_epochs + 1):
+                if run.stop_reason:
                     break
-                lr = optimizer.param_groups[0]["lr"]
-                t0 = time.perf_counter()
-                fire = armed_faults(faults, cfg, epoch, folder) if lead else None
-                train_loss, train_acc, n_seen = _train_epoch(
-                    trains, optimizer, train, epoch, rt, cfg, class_weight, after_first_batch=fire
-                )
-                train_s = time.perf_counter() - t0
-                if scheduler is not None:
-                    scheduler.step()
-                ev = evaluate_resident(model, val, rt, cfg)
-                if early.update(epoch, ev, model):
-                    stop_reason = "early_stopping"
-                elif epoch == cfg.max_epochs:
-                    stop_reason = "max_epochs"
-                if shard is not None:
-                    # Ranks evaluate the same weights, but GPU kernels may differ in the last bits: rank 0
-                    # decides when to stop, or one process would wait forever for the others.
-                    stop_reason = _from_rank0(stop_reason)
-                metrics = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "train_acc": train_acc,
-                    **_validation_metrics(ev),
-                    "epoch_time_s": time.perf_counter() - t0,
-                    "img_per_s": n_seen / max(train_s, 1e-9),
-                    "stop_reason": stop_reason,
-                    "lr": lr,
-                }
-                history.append(metrics)
-                if writer is not None:
-                    writer.epoch_done(metrics, model, optimizer, scheduler, early, history, stop_reason)
+                fire = armed_faults(faults, cfg, epoch, folder) if run.lead else None
+                metrics = _run_epoch(run, cfg, epoch, after_first_batch=fire)
+                run.history.append(metrics)
+                if run.writer is not None:
+                    run.writer.epoch_done(metrics, run.model, run.optimizer, run.scheduler, run.early, run.history,
+                                          run.stop_reason)
                 if on_epoch is not None:
-                    on_epoch(dict(metrics), list(history))
+                    on_epoch(dict(metrics), list(run.history))
                 bar.advance(metrics)
+        return _finish(cfg, data, run.model, run.rt, run.early, run.history, run.stop_reason)
 
-        return _finish(cfg, data, model, rt, early, history, stop_reason)
+
+@dataclass
+class _Run:
+    """What one training run holds while it trains (`_start` builds it, from scratch or from its resume state)."""
+
+    model: torch.nn.Module  # the network (evaluation and checkpoints use it as it is)
+    trains: TrainingModel  # what the training steps call: the model, its DDP wrapper, or either compiled
+    rt: Runtime
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    early: EarlyStopping
+    writer: CheckpointWriter | None  # None: nothing on disk, or not the process that writes the model folder
+    train: DeviceSplit
+    val: DeviceSplit
+    class_weight: torch.Tensor | None
+    shard: Shard | None
+    history: list[dict[str, Any]]
+    stop_reason: str  # "" while it trains
+
+    @property
+    def lead(self) -> bool:
+        """The process that writes the model folder (rank 0 of a data-parallel run)."""
+        return self.shard is None or self.shard.rank == 0
+
+
+def _start(cfg: TrialConfig, data: PreparedData, device: torch.device, folder: storage.Location | None,
+           shard: Shard | None, checkpoint_every: int, checkpoint_every_s: float | None) -> _Run:
+    """Build the model, optimizer and data on the device, and continue the folder's run if it holds one."""
+    lead = shard is None or shard.rank == 0
+    saved = read_resume_state(folder) if folder is not None else None
+    # resuming overwrites every weight, so pretrained weights are loaded only on a fresh start
+    build_cfg = cfg.replace(pretrained="none") if saved is not None else cfg
+    model = model_from_config(build_cfg, num_classes=len(data.classes))
+    model = model.to(device, memory_format=torch.channels_last)
+    rt = Runtime.for_model(model, cfg, device)
+    optimizer = create_optimizer(model, cfg)
+    scheduler = create_scheduler(optimizer, cfg)
+    early = EarlyStopping(cfg.patience)
+    history: list[dict[str, Any]] = []
+    stop_reason = ""
+    writer = None
+    if folder is not None and lead:
+        writer = CheckpointWriter(folder, cfg, len(data.classes), checkpoint_every, checkpoint_every_s,
+                                  getattr(data, "preprocessing", None))
+    if folder is not None:
+        if saved is None:
+            if writer is not None:
+                writer.start_fresh()
+        else:
+            history, stop_reason = restore_state(saved, folder, model, optimizer, scheduler, early, tidy=lead)
+            if writer is not None:
+                writer.resumed(len(history))
+    net = model  # what trains: the model, or its DDP wrapper (which averages the gradients)
+    if shard is not None:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                        else None)  # starts from rank 0's weights
+    train = DeviceSplit(data.train, device, shard)
+    val = DeviceSplit(data.val, device)
+    # data-parallel runs train eagerly: DDP's gradient hooks and CUDA graphs are a separate project
+    trains = TrainingModel(net, compile_mode(cfg, device, planned_steps(len(train), cfg)) if shard is None else None)
+    class_weight = None
+    if cfg.balance == "class_weight":
+        weights = class_weights(train.labels_np, len(data.classes))
+        class_weight = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    return _Run(model, trains, rt, optimizer, scheduler, early, writer, train, val, class_weight, shard, history,
+                stop_reason)
+
+
+def _run_epoch(run: _Run, cfg: TrialConfig, epoch: int, after_first_batch: Callable[[], None] | None) -> dict[str, Any]:
+    """Train one epoch, validate, decide whether to stop (`run.stop_reason`); returns the epoch's metrics."""
+    lr = run.optimizer.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    train_loss, train_acc, n_seen = _train_epoch(run.trains, run.optimizer, run.train, epoch, run.rt, cfg,
+                                                 run.class_weight, after_first_batch=after_first_batch)
+    train_s = time.perf_counter() - t0
+    if run.scheduler is not None:
+        run.scheduler.step()
+    ev = evaluate_resident(run.model, run.val, run.rt, cfg)
+    if run.early.update(epoch, ev, run.model):
+        run.stop_reason = "early_stopping"
+    elif epoch == cfg.max_epochs:
+        run.stop_reason = "max_epochs"
+    if run.shard is not None:
+        # Ranks evaluate the same weights, but GPU kernels may differ in the last bits: rank 0 decides when to
+        # stop, or one process would wait forever for the others.
+        run.stop_reason = _from_rank0(run.stop_reason)
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        **_validation_metrics(ev),
+        "epoch_time_s": time.perf_counter() - t0,
+        "img_per_s": n_seen / max(train_s, 1e-9),
+        "stop_reason": run.stop_reason,
+        "lr": lr,
+    }
 
 
 def _validation_metrics(ev: Evaluation) -> dict[str, float]:

@@ -69,8 +69,8 @@ class TrialConfig:
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (CPU reproducibility tests)
     device: str = "auto"
-    # auto: bf16 autocast on a GPU and on a CPU with native bf16 (AVX512-BF16/AMX: 1.7x faster InceptionV3 steps
-    # on the 2-core dev VM), else float32; weights, optimizer state and the loss stay float32 either way
+    # auto: bf16 autocast on a GPU and on a CPU with native bf16 (AVX512-BF16/AMX, where it is the faster:
+    # benchmarks/RESULTS.md), else float32; weights, optimizer state and the loss stay float32 either way
     precision: str = "auto"
     eval_batch_size: int = 256
     # auto: train under torch.compile with CUDA graphs on a GPU where the launch overhead it removes pays for the

@@ -222,7 +222,7 @@ def _vgg(cfg: str, in_chans: int) -> tuple[nn.Module, int]:
     from torchvision.models import vgg
 
     # make_layers builds only the conv part: constructing the full torchvision model would also allocate the
-    # 120M-parameter classifier (~1.4 s, 0.5 GB) just to throw it away. Keras VGG(include_top=False, 'avg').
+    # 120M-parameter classifier just to throw it away. Keras VGG(include_top=False, 'avg').
     features = vgg.make_layers(vgg.cfgs[cfg])
     for m in features.modules():
         if isinstance(m, nn.Conv2d):  # torchvision's VGG initialization

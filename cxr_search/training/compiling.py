@@ -14,22 +14,19 @@ import torch
 from cxr_search.config import TrialConfig
 from cxr_search.io import paths
 
-# Fixed input normalisation: histogram-equalised pixels are near uniform on [0, 1] (mean 0.5, std 1/sqrt(12)).
 log = logging.getLogger(__name__)
 
 
-# At the study's batch 32 a GPU training step is bound by kernel launches, not arithmetic (every backbone ran
-# 0.8-1.6x the direct port there, 5.6-8.4x at batch 256: DESIGN.md). CUDA graphs (torch.compile's
-# "reduce-overhead") replay a step's kernels as one launch, but compiling costs about a minute cold and seconds
-# from the cache (Inductor's cache is shared by every trial process of a machine, `compile_cache_dir`).
-# `compile: auto` compiles only where that is won back. On the 2-core dev VM a cold compile took 65-185 s
-# (cnn3, resnet34; benchmarks/RESULTS.md), longer than a whole trial of the CPU budget, so a CPU never compiles on
-# auto. On a GPU the two thresholds are an estimate that `benchmarks/gpu_suite.py` checks (its compile part).
+# At the study's batch 32 a GPU training step is bound by kernel launches, not arithmetic (benchmarks/RESULTS.md,
+# the GPU throughput tables). CUDA graphs (torch.compile's "reduce-overhead") replay a step's kernels as one
+# launch, but compiling costs about a minute cold and seconds from the cache (Inductor's cache is shared by every
+# trial process of a machine, `compile_cache_dir`). `compile: auto` compiles only where that is won back: never on
+# a CPU, where a cold compile outlasts a whole trial of the CPU budget and the compiled step was not reliably
+# faster (RESULTS.md, "Compiled vs eager"); on a GPU by the two thresholds below, estimates that
+# `benchmarks/gpu_suite.py` checks (its compile part).
 COMPILE_MAX_BATCH = 64  # larger batches keep the GPU busy on their own: nothing left to win
-
-
-# InceptionV3 at batch 32 on an H100 took 38 ms per step, all of it the launch-bound step (RESULTS.md): if CUDA
-# graphs save ~30 ms of that, a ~60 s cold compile is back after 2,000 steps (about 12 epochs of the study's data)
+# Steps a run needs to win a cold compile back: the time CUDA graphs save per launch-bound step (RESULTS.md, the
+# H100 step times) against about a minute of compiling; about 12 epochs of the study's data at batch 32.
 COMPILE_MIN_STEPS = 2000
 
 

@@ -40,7 +40,7 @@ class EarlyStopping:
 
 def storable(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a weight as it is kept and saved: float32 as float16 where it fits, which halves every
-    best-weights file (InceptionV3: 87 -> 44 MB) and moves a probability by less than ~1e-3. A tensor with
+    best-weights file (benchmarks/RESULTS.md, checkpoint bytes) and moves a probability by less than ~1e-3. A tensor with
     values beyond float16's range (a BatchNorm running variance early in training can pass 65504) stays float32.
     The test and validation figures of a run are computed with these weights, so every number describes the
     model that is saved."""

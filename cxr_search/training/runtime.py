@@ -24,6 +24,7 @@ from cxr_search.data.augment import augment_batch
 from cxr_search.data.prepare import SplitArrays
 from cxr_search.errors import CxrError
 
+# Fixed input normalisation: histogram-equalised pixels are near uniform on [0, 1] (mean 0.5, std 1/sqrt(12)).
 PIXEL_MEAN = 0.5
 
 

@@ -13,9 +13,8 @@ from cxr_search.errors import CxrError
 from cxr_search.space import SearchSpec
 from cxr_search.tuning.cluster import may_autoscale
 
-# GPU memory one training trial's process holds, GiB: measured on an H100 (torch 2.11, training defaults: bf16,
-# channels_last, whole data set resident; 128 px, batch 32 and 64, the larger, CUDA context included, rounded
-# up to 0.5). Beyond the context, activations grow with the batch and the pixels: `gpu_peak_gib` scales that
+# GPU memory one training trial's process holds, GiB (benchmarks/RESULTS.md, "GPU memory per trial": training
+# defaults, 128 px, the larger of batch 32 and 64, CUDA context included, rounded up to 0.5). Beyond the context, activations grow with the batch and the pixels: `gpu_peak_gib` scales that
 # part by batch / 64 (from 64 up) and (size / 128)^2, which over-counts weights and optimizer state (safe side).
 # Bookkeeping only: Ray uses the fraction to decide how many trials share a GPU, it does not enforce it.
 GPU_PEAK_GIB: dict[str, float] = {
@@ -27,7 +26,7 @@ GPU_PEAK_GIB: dict[str, float] = {
 GPU_CONTEXT_GIB = 0.5  # CUDA context and cuDNN/cuBLAS handles: held before the first tensor, whatever the model
 
 
-TRIAL_GPU_SHARE_MAX = 4  # never pack more than 4 trials on a GPU: throughput gains stop (DESIGN.md: 1.18x at 4)
+TRIAL_GPU_SHARE_MAX = 4  # never pack more than 4 trials on a GPU: four gained little over one (DESIGN.md)
 
 
 DRIVER_CPUS = 0.1  # a data-parallel trial's own process waits on its Ray Train run: a slice of a CPU
